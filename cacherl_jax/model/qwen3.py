@@ -1,0 +1,248 @@
+"""A pure-functional Qwen3 dense decoder.
+
+Matches `transformers.Qwen3ForCausalLM`: pre-norm blocks, grouped-query attention with per-head
+RMSNorm on queries and keys (before RoPE), rotate-half RoPE, SwiGLU MLP, no biases.
+
+Padding and packing are both expressed with segment ids (0 = padding): a query attends to keys
+at or before its own index that carry the same segment id. Real tokens therefore never see pad
+keys or other packed examples; a pad query sees only pad keys (at least itself), so no softmax row
+is empty.
+
+Norms, softmax and RoPE run in float32 whatever the compute dtype; logits are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cacherl_jax.model.config import Qwen3Config
+from cacherl_jax.model.params import Params
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis in float32, cast back before the scale as transformers does."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def dense(x: jax.Array, w: jax.Array, n_contract: int = 1, **dot_kwargs) -> jax.Array:
+    """Contracts the last `n_contract` axes of `x` with the first ones of `w`, as one 2-D matmul.
+
+    Same result as the equivalent einsum, but XLA's CPU backend runs the 2-D form (and above all
+    its weight gradient, a contraction over batch and sequence) close to twice as fast.
+    """
+    lead, contract, out = x.shape[: x.ndim - n_contract], w.shape[:n_contract], w.shape[n_contract:]
+    x_NxI = x.reshape(math.prod(lead), math.prod(contract))
+    y_NxO = jnp.matmul(x_NxI, w.reshape(math.prod(contract), math.prod(out)), **dot_kwargs)
+    return y_NxO.reshape(*lead, *out)
+
+
+def rope_tables(
+    positions_BxT: jax.Array, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables, [B, T, head_dim] in float32, for rotate-half RoPE."""
+    exponents_D2 = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq_D2 = 1.0 / (jnp.float32(theta) ** exponents_D2)
+    angles_BxTxD2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_D2
+    angles_BxTxD = jnp.concatenate([angles_BxTxD2, angles_BxTxD2], axis=-1)
+    return jnp.cos(angles_BxTxD), jnp.sin(angles_BxTxD)
+
+
+def apply_rope(x_BxTxHxD: jax.Array, cos_BxTxD: jax.Array, sin_BxTxD: jax.Array) -> jax.Array:
+    x32 = x_BxTxHxD.astype(jnp.float32)
+    half = x32.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos_BxTxD[:, :, None, :] + rotated * sin_BxTxD[:, :, None, :]
+    return out.astype(x_BxTxHxD.dtype)
+
+
+def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 wherever the segment id changes (packed rows)."""
+    T = segment_ids_BxT.shape[1]
+    index_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BxT.shape)
+    starts_BxT = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_BxT[:, :1], dtype=bool),
+            segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1],
+        ],
+        axis=1,
+    )
+    segment_start_BxT = lax.cummax(jnp.where(starts_BxT, index_BxT, 0), axis=1)
+    return index_BxT - segment_start_BxT
+
+
+def attention_mask(
+    q_segment_BxT: jax.Array,
+    kv_segment_BxS: jax.Array,
+    q_index_BxT: jax.Array,
+    kv_index_BxS: jax.Array,
+) -> jax.Array:
+    """Boolean [B, T, S]: causal by index, and only within the same segment.
+
+    Indices are slots in the (possibly cached) sequence, not RoPE positions, so the same mask
+    serves a full forward pass and a decode step against a KV cache.
+    """
+    causal_BxTxS = kv_index_BxS[:, None, :] <= q_index_BxT[:, :, None]
+    same_segment_BxTxS = kv_segment_BxS[:, None, :] == q_segment_BxT[:, :, None]
+    return causal_BxTxS & same_segment_BxTxS
+
+
+def attention(
+    layer: Params,
+    config: Qwen3Config,
+    h_BxTxE: jax.Array,
+    cos_BxTxD: jax.Array,
+    sin_BxTxD: jax.Array,
+    mask_BxTxS: jax.Array,
+) -> jax.Array:
+    """Self-attention of one block (the query/key/value all come from `h_BxTxE`)."""
+    eps = config.rms_norm_eps
+    q_BxTxHxD = dense(h_BxTxE, layer["wq"])
+    k_BxTxKxD = dense(h_BxTxE, layer["wk"])
+    v_BxTxKxD = dense(h_BxTxE, layer["wv"])
+    q_BxTxHxD = apply_rope(rms_norm(q_BxTxHxD, layer["q_norm"], eps), cos_BxTxD, sin_BxTxD)
+    k_BxTxKxD = apply_rope(rms_norm(k_BxTxKxD, layer["k_norm"], eps), cos_BxTxD, sin_BxTxD)
+    out_BxTxHxD = causal_self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxS, config)
+    return dense(out_BxTxHxD, layer["wo"], n_contract=2)
+
+
+def causal_self_attention(
+    q_BxTxHxD: jax.Array,
+    k_BxTxKxD: jax.Array,
+    v_BxTxKxD: jax.Array,
+    mask_BxTxT: jax.Array,
+    config: Qwen3Config,
+) -> jax.Array:
+    """Attention over one sequence whose mask is causal by index (plus segment structure).
+
+    With `config.attention_block`, queries go in blocks and each block attends only to the keys
+    up to its own end: the blocks above the diagonal are all masked, so skipping them is exact and
+    saves close to half the work (measured 1.6x faster forward+backward on CPU at 512 tokens).
+    """
+    T = q_BxTxHxD.shape[1]
+    block = config.attention_block
+    if block is None or block >= T:
+        return _dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)
+    outs = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        outs.append(
+            _dot_product_attention(
+                q_BxTxHxD[:, start:stop],
+                k_BxTxKxD[:, :stop],
+                v_BxTxKxD[:, :stop],
+                mask_BxTxT[:, start:stop, :stop],
+                config,
+            )
+        )
+    return jnp.concatenate(outs, axis=1)
+
+
+def _dot_product_attention(
+    q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, config: Qwen3Config
+) -> jax.Array:
+    # XLA on CPU/TPU; on recent NVIDIA GPUs the same call can dispatch to cuDNN flash attention.
+    # Grouped-query attention is native: H query heads share K key/value heads.
+    return jax.nn.dot_product_attention(
+        q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxTxS[:, None, :, :], scale=config.head_dim**-0.5
+    )
+
+
+def mlp(layer: Params, h_BxTxE: jax.Array) -> jax.Array:
+    gate_BxTxF = dense(h_BxTxE, layer["w_gate"])
+    up_BxTxF = dense(h_BxTxE, layer["w_up"])
+    return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, layer["w_down"])
+
+
+def block(
+    layer: Params,
+    config: Qwen3Config,
+    x_BxTxE: jax.Array,
+    cos_BxTxD: jax.Array,
+    sin_BxTxD: jax.Array,
+    mask_BxTxS: jax.Array,
+) -> jax.Array:
+    eps = config.rms_norm_eps
+    h_BxTxE = rms_norm(x_BxTxE, layer["attn_norm"], eps)
+    x_BxTxE = x_BxTxE + attention(layer, config, h_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxS)
+    h_BxTxE = rms_norm(x_BxTxE, layer["mlp_norm"], eps)
+    return x_BxTxE + mlp(layer, h_BxTxE)
+
+
+def compute_dtype(config: Qwen3Config) -> jnp.dtype:
+    return jnp.dtype(config.compute_dtype)
+
+
+def embed(params: Params, config: Qwen3Config, tokens_BxT: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], tokens_BxT, axis=0).astype(compute_dtype(config))
+
+
+def hidden_states(
+    params: Params,
+    config: Qwen3Config,
+    x_BxTxE: jax.Array,
+    *,
+    positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
+) -> jax.Array:
+    """Runs the decoder stack on input embeddings; returns the final-normed hidden states.
+
+    Separate from `forward` so losses can project onto the vocabulary in chunks instead of
+    materialising [B, T, V] logits, and so tests can differentiate with respect to embeddings.
+    """
+    B, T = x_BxTxE.shape[:2]
+    dtype = compute_dtype(config)
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = positions_from_segments(segment_ids_BxT)
+    index_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_BxTxT = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
+    cos_BxTxD, sin_BxTxD = rope_tables(positions_BxT, config.head_dim, config.rope_theta)
+
+    layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])
+
+    def step(x_BxTxE, layer):
+        return block(layer, config, x_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxT), None
+
+    if config.remat:
+        # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE.
+        step = jax.checkpoint(step, prevent_cse=False)
+    x_BxTxE, _ = lax.scan(step, x_BxTxE.astype(dtype), layers, unroll=config.unroll_layers)
+    return rms_norm(x_BxTxE, params["final_norm"], config.rms_norm_eps)
+
+
+def unembedding(params: Params) -> jax.Array:
+    """The [V, E] output projection (the input embedding when they are tied)."""
+    return params["lm_head"] if "lm_head" in params else params["embed"]
+
+
+def logits_from_hidden(h_BxTxE: jax.Array, w_VxE: jax.Array) -> jax.Array:
+    return jnp.einsum(
+        "bte,ve->btv", h_BxTxE, w_VxE.astype(h_BxTxE.dtype), preferred_element_type=jnp.float32
+    )
+
+
+def forward(
+    params: Params,
+    config: Qwen3Config,
+    tokens_BxT: jax.Array,
+    *,
+    positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
+) -> jax.Array:
+    """float32 logits [B, T, V] for integer tokens [B, T].
+
+    `segment_ids_BxT`: 0 marks padding; distinct positive ids mark packed examples (default: one
+    example per row). `positions_BxT` defaults to positions restarting at every segment.
+    """
+    x_BxTxE = embed(params, config, tokens_BxT)
+    h_BxTxE = hidden_states(
+        params, config, x_BxTxE, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT
+    )
+    return logits_from_hidden(h_BxTxE, unembedding(params))
