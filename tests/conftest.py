@@ -1,0 +1,57 @@
+"""Shared fixtures. Eight simulated CPU devices, so sharding tests run on any machine."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+import jax
+
+# Must happen before any JAX computation creates the CPU backend.
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cacherl_jax.model import Qwen3Config  # noqa: E402
+
+# Small Qwen3 shapes chosen to exercise what the checks name: tied and untied embeddings, both
+# rope_theta values of the Qwen3 releases, head_dim != hidden/heads, and GQA ratios 2, 3 and 4.
+PARITY_CONFIGS = {
+    "tied-theta1e6-gqa2": Qwen3Config(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=1e6, tie_word_embeddings=True,
+    ),
+    "untied-theta5e6-headdim24-gqa3": Qwen3Config(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6,
+        num_kv_heads=2, head_dim=24, rope_theta=5e6, tie_word_embeddings=False,
+    ),
+    "tied-theta5e6-headdim32-gqa4": Qwen3Config(
+        vocab_size=320, hidden_size=48, intermediate_size=112, num_layers=3, num_heads=8,
+        num_kv_heads=2, head_dim=32, rope_theta=5e6, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+# Divisible by 2 and 8 along every sharded axis, for the mesh tests.
+SHARDABLE_CONFIG = Qwen3Config(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=16, rope_theta=1e6, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint_dir(tmp_path_factory):
+    """`hf_checkpoint_dir(name, config)`: a random transformers Qwen3 saved once per session."""
+    from cacherl_jax import reference
+
+    made = {}
+
+    def make(name: str, config: Qwen3Config):
+        if name not in made:
+            made[name] = reference.save_random_hf_checkpoint(config, tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return make
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

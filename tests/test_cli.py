@@ -1,0 +1,102 @@
+"""`cacherl convert` in both directions, its error messages, and `cacherl demo`."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from conftest import SHARDABLE_CONFIG
+
+from cacherl_jax import cli
+from cacherl_jax.model import load_hf_checkpoint
+from cacherl_jax.model.native_checkpoint import load_params
+
+
+def test_convert_both_directions_preserves_every_parameter(hf_checkpoint_dir, tmp_path, capsys):
+    source = hf_checkpoint_dir("shardable", SHARDABLE_CONFIG)
+    assert cli.main(["convert", "hf-to-jax", str(source), str(tmp_path / "jax")]) == 0
+    assert (
+        cli.main(
+            [
+                "convert",
+                "jax-to-hf",
+                str(tmp_path / "jax"),
+                str(tmp_path / "hf"),
+                "--max-shard-gb",
+                "0.0001",
+            ]
+        )
+        == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+
+    _, original = load_hf_checkpoint(source)
+    _, native = load_params(tmp_path / "jax")
+    _, back = load_hf_checkpoint(tmp_path / "hf")
+    for a, b, c in zip(
+        jax.tree.leaves(original), jax.tree.leaves(native), jax.tree.leaves(back), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_convert_to_bfloat16(hf_checkpoint_dir, tmp_path):
+    source = hf_checkpoint_dir("shardable", SHARDABLE_CONFIG)
+    assert (
+        cli.main(
+            ["convert", "hf-to-jax", str(source), str(tmp_path / "jax"), "--dtype", "bfloat16"]
+        )
+        == 0
+    )
+    _, params = load_params(tmp_path / "jax")
+    assert {x.dtype.name for x in jax.tree.leaves(params)} == {"bfloat16"}
+
+
+def test_convert_reports_bad_input_without_traceback(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"]})
+    )
+    assert cli.main(["convert", "hf-to-jax", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cacherl convert: error:" in err and "GPT2LMHeadModel" in err and "Traceback" not in err
+
+    assert cli.main(["convert", "jax-to-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "checkpoint directory does not exist" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [sys.executable, "-m", "cacherl_jax.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "convert" in result.stdout and "demo" in result.stdout
+
+
+def test_demo_runs_every_check(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--workdir",
+                str(workdir),
+                "--seq-len",
+                "128",
+                "--mesh",
+                "data=2,fsdp=2,tensor=2",
+                "--cpu-devices",
+                "8",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "data=2 fsdp=2 tensor=2 (8 cpu devices)" in out
+    report = json.loads((workdir / "report.json").read_text())
+    assert all(step["ok"] for step in report["steps"])
+    assert {p.name for p in workdir.iterdir()} == {"hf_random", "jax", "hf_export", "report.json"}

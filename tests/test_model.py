@@ -1,0 +1,179 @@
+"""Qwen3 forward pass against transformers' float32 reference, plus causality and remat."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import PARITY_CONFIGS
+
+from cacherl_jax import reference
+from cacherl_jax.model import forward, hidden_states, init_params, load_hf_checkpoint, qwen3
+
+SEQ_LEN = 520  # long inputs catch RoPE mistakes that short ones hide
+TOLERANCE = 1e-4  # max abs error relative to the largest reference logit (float32)
+# bfloat16 compute (float32 params, norms, softmax, RoPE) against the float32 reference. Measured
+# 3e-3 to 8e-3 on these configs; bf16 keeps 8 mantissa bits (relative step 2**-8 = 3.9e-3).
+BF16_TOLERANCE = 2e-2
+
+
+@functools.cache
+def _jitted_forward(config):
+    return jax.jit(
+        lambda params, tokens, positions, segments: forward(
+            params, config, tokens, positions_BxT=positions, segment_ids_BxT=segments
+        )
+    )
+
+
+def run(params, config, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    return np.asarray(_jitted_forward(config)(params, tokens_BxT, positions_BxT, segment_ids_BxT))
+
+
+@pytest.fixture(params=sorted(PARITY_CONFIGS))
+def loaded(request, hf_checkpoint_dir):
+    """(config, params, reference model) for one parity config, loaded from a real checkpoint."""
+    path = hf_checkpoint_dir(request.param, PARITY_CONFIGS[request.param])
+    config, params = load_hf_checkpoint(path)
+    return config, params, reference.load_hf_model(path)
+
+
+def test_logits_match_transformers(loaded, rng):
+    config, params, hf_model = loaded
+    tokens_BxT = rng.integers(0, config.vocab_size, (2, SEQ_LEN))
+    expected = reference.hf_logits(hf_model, tokens_BxT)
+    ours = run(params, config, tokens_BxT)
+    assert ours.dtype == np.float32 and ours.shape == expected.shape
+    assert reference.relative_error(ours, expected) <= TOLERANCE
+
+
+def test_parity_is_sensitive_to_rope_theta(hf_checkpoint_dir, rng):
+    """The checks above would notice a wrong rope_theta: here one is forced on purpose."""
+    name = "untied-theta5e6-headdim24-gqa3"
+    path = hf_checkpoint_dir(name, PARITY_CONFIGS[name])
+    config, params = load_hf_checkpoint(path, rope_theta=1e6)
+    tokens_BxT = rng.integers(0, config.vocab_size, (1, SEQ_LEN))
+    expected = reference.hf_logits(reference.load_hf_model(path), tokens_BxT)
+    assert reference.relative_error(run(params, config, tokens_BxT), expected) > 10 * TOLERANCE
+
+
+def test_padded_batch_matches_each_row_alone(loaded, rng):
+    """Right padding (segment id 0): real tokens must not attend to pad keys."""
+    config, params, hf_model = loaded
+    lengths = [SEQ_LEN, 300, 17]
+    tokens_BxT = rng.integers(0, config.vocab_size, (len(lengths), SEQ_LEN))
+    segments_BxT = (np.arange(SEQ_LEN)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
+    ours = run(params, config, tokens_BxT, segment_ids_BxT=segments_BxT)
+    for row, length in enumerate(lengths):
+        expected = reference.hf_logits(hf_model, tokens_BxT[row : row + 1, :length])[0]
+        assert reference.relative_error(ours[row, :length], expected) <= TOLERANCE
+    assert np.isfinite(ours).all(), "pad positions must not produce NaN"
+
+
+def test_left_padding_with_explicit_positions(loaded, rng):
+    config, params, hf_model = loaded
+    pad, _length = 40, SEQ_LEN - 40
+    tokens_1xT = rng.integers(0, config.vocab_size, (1, SEQ_LEN))
+    segments_1xT = (np.arange(SEQ_LEN) >= pad).astype(np.int32)[None]
+    positions_1xT = np.maximum(np.arange(SEQ_LEN) - pad, 0)[None]
+    ours = run(params, config, tokens_1xT, positions_1xT, segments_1xT)
+    expected = reference.hf_logits(hf_model, tokens_1xT[:, pad:])[0]
+    assert reference.relative_error(ours[0, pad:], expected) <= TOLERANCE
+
+
+def test_packed_examples_match_each_example_alone(loaded, rng):
+    """Three examples packed into one row (then padding) never attend to each other."""
+    config, params, hf_model = loaded
+    lengths = [230, 190, 80]
+    tokens_1xT = rng.integers(0, config.vocab_size, (1, SEQ_LEN))
+    segments_T = np.zeros(SEQ_LEN, np.int32)
+    starts = np.cumsum([0, *lengths])
+    for k, (start, stop) in enumerate(itertools.pairwise(starts)):
+        segments_T[start:stop] = k + 1
+    ours = run(params, config, tokens_1xT, segment_ids_BxT=segments_T[None])  # positions implied
+    for start, stop in itertools.pairwise(starts):
+        expected = reference.hf_logits(hf_model, tokens_1xT[:, start:stop])[0]
+        assert reference.relative_error(ours[0, start:stop], expected) <= TOLERANCE
+
+
+def test_bfloat16_compute_close_to_float32_reference(loaded, rng):
+    config, params, hf_model = loaded
+    tokens_BxT = rng.integers(0, config.vocab_size, (2, SEQ_LEN))
+    expected = reference.hf_logits(hf_model, tokens_BxT)
+    bf16_config = config.replace(compute_dtype="bfloat16")
+    ours = run(params, bf16_config, tokens_BxT)
+    assert ours.dtype == np.float32
+    error = reference.relative_error(ours, expected)
+    assert TOLERANCE < error <= BF16_TOLERANCE, (
+        f"bf16 error {error:.2e} (must differ from f32, stay close)"
+    )
+
+
+def test_positions_restart_at_each_segment():
+    segments = jnp.array([[1, 1, 1, 2, 2, 0, 0], [0, 0, 3, 3, 3, 3, 3]])
+    expected = np.array([[0, 1, 2, 0, 1, 0, 1], [0, 1, 0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(qwen3.positions_from_segments(segments), expected)
+
+
+def test_attention_mask_token_by_token():
+    segments = jnp.array([[1, 1, 2, 2, 0]])
+    index = jnp.arange(5)[None]
+    mask = np.asarray(qwen3.attention_mask(segments, segments, index, index))[0]
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 1],  # a pad query sees only pad keys, itself at least
+        ],
+        dtype=bool,
+    )
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_causality_gradient_of_future_tokens_is_zero():
+    config = PARITY_CONFIGS["tied-theta1e6-gqa2"]
+    params = init_params(config, jax.random.key(0))
+    x_1xTxE = jax.random.normal(jax.random.key(1), (1, 24, config.hidden_size))
+    t = 11
+
+    def logits_at_t(x_1xTxE):
+        h = hidden_states(params, config, x_1xTxE)
+        return jnp.sum(qwen3.logits_from_hidden(h, qwen3.unembedding(params))[0, t] ** 2)
+
+    grad_per_position_T = np.abs(np.asarray(jax.grad(logits_at_t)(x_1xTxE)[0])).sum(-1)
+    assert np.all(grad_per_position_T[t + 1 :] == 0.0)
+    assert np.all(grad_per_position_T[: t + 1] > 0.0), "earlier positions must influence position t"
+
+
+def test_remat_gives_identical_logits_and_gradients(rng):
+    config = PARITY_CONFIGS["untied-theta5e6-headdim24-gqa3"]
+    params = init_params(config, jax.random.key(0))
+    tokens_BxT = jnp.asarray(rng.integers(0, config.vocab_size, (2, 64)))
+
+    def loss(params, config):
+        return jnp.mean(forward(params, config, tokens_BxT) ** 2)
+
+    plain_loss, plain_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, config)
+    remat_config = config.replace(remat=True)
+    remat_loss, remat_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
+        params, remat_config
+    )
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("block", [None, 64, 100])
+def test_causal_block_skipping_is_exact(block, rng):
+    """Skipping fully-masked key blocks changes nothing, for blocks that do or don't divide T."""
+    config = PARITY_CONFIGS["tied-theta5e6-headdim32-gqa4"]
+    params = init_params(config, jax.random.key(2))
+    tokens_BxT = rng.integers(0, config.vocab_size, (2, 300))
+    segments_BxT = np.repeat(np.array([[1] * 120 + [2] * 130 + [0] * 50]), 2, axis=0)
+    one_call = run(params, config.replace(attention_block=None), tokens_BxT, segment_ids_BxT=segments_BxT)
+    blocked = run(params, config.replace(attention_block=block), tokens_BxT, segment_ids_BxT=segments_BxT)
+    np.testing.assert_allclose(blocked, one_call, rtol=1e-6, atol=1e-6)
