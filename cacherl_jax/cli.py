@@ -1,0 +1,103 @@
+"""`cacherl <command>`: the command-line entry point.
+
+Each command lives in its own module and is imported only when run, so `cacherl --help` is fast
+and a command's heavy dependencies load only for that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cacherl_jax.model.config import CheckpointError
+from cacherl_jax.parallel import ShardingError
+
+
+def _convert(args: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+
+    from cacherl_jax import parallel
+    from cacherl_jax.model import hf_checkpoint, native_checkpoint
+
+    dtype = jnp.dtype(args.dtype) if args.dtype else None
+    mesh = parallel.make_mesh(parallel.DEFAULT_MESH_AXES)
+    if args.direction == "hf-to-jax":
+        config, params = hf_checkpoint.load_hf_checkpoint(
+            args.source, mesh=mesh, dtype=dtype or jnp.float32, progress=True
+        )
+        native_checkpoint.save_params(config, params, args.destination)
+    else:
+        config, params = native_checkpoint.load_params(args.source, mesh=mesh, dtype=dtype)
+        hf_checkpoint.save_hf_checkpoint(
+            config,
+            params,
+            args.destination,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            progress=True,
+        )
+    print(f"wrote {args.destination} ({args.direction}, mesh {parallel.describe(mesh)})")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import jax
+
+    from cacherl_jax import demo, parallel
+
+    # Simulated CPU devices must be requested before JAX creates its CPU backend; on a GPU or TPU
+    # host the option only affects the (unused) CPU backend.
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    demo.run(
+        workdir=args.workdir, seq_len=args.seq_len, mesh_axes=parallel.parse_mesh_axes(args.mesh)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cacherl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert checkpoints between Hugging Face safetensors and our orbax format",
+        description="Convert a Qwen3 checkpoint. hf-to-jax: a Hugging Face directory (config.json and "
+        "safetensors) to a cacherl_jax checkpoint; jax-to-hf: the reverse, loadable by transformers.",
+    )
+    convert.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="parameter dtype of the output"
+    )
+    convert.add_argument(
+        "--max-shard-gb", type=float, default=2.0, help="safetensors shard size (jax-to-hf)"
+    )
+    convert.set_defaults(run=_convert)
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline in miniature on CPU (what `make demo` runs)"
+    )
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--seq-len", type=int, default=512)
+    demo.add_argument(
+        "--mesh", default="data=1,fsdp=2,tensor=2", help="mesh axes, e.g. data=2,fsdp=-1"
+    )
+    demo.add_argument(
+        "--cpu-devices", type=int, default=4, help="simulated CPU devices (CPU backend only)"
+    )
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CheckpointError, ShardingError) as err:
+        print(f"cacherl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
