@@ -174,6 +174,10 @@ def test_causal_block_skipping_is_exact(block, rng):
     params = init_params(config, jax.random.key(2))
     tokens_BxT = rng.integers(0, config.vocab_size, (2, 300))
     segments_BxT = np.repeat(np.array([[1] * 120 + [2] * 130 + [0] * 50]), 2, axis=0)
-    one_call = run(params, config.replace(attention_block=None), tokens_BxT, segment_ids_BxT=segments_BxT)
-    blocked = run(params, config.replace(attention_block=block), tokens_BxT, segment_ids_BxT=segments_BxT)
+    one_call = run(
+        params, config.replace(attention_block=None), tokens_BxT, segment_ids_BxT=segments_BxT
+    )
+    blocked = run(
+        params, config.replace(attention_block=block), tokens_BxT, segment_ids_BxT=segments_BxT
+    )
     np.testing.assert_allclose(blocked, one_call, rtol=1e-6, atol=1e-6)
