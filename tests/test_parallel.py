@@ -178,3 +178,22 @@ def test_distributed_initialize_only_when_enabled(monkeypatch):
         }
     )
     assert calls == [{"coordinator_address": "host:1234", "num_processes": 4}]
+
+
+def test_sharded_load_reads_only_each_devices_block(single_device_logits, monkeypatch):
+    """On fsdp=8 every sharded array is read from disk in 1/8 pieces, never whole."""
+    from cacherl_jax.model import hf_checkpoint
+
+    path = single_device_logits[0]
+    reads = []
+    original = hf_checkpoint._read_block
+
+    def recording_read_block(kind, tensor_slice, index, shape):
+        block = original(kind, tensor_slice, index, shape)
+        reads.append((tuple(tensor_slice.get_shape()), block.size))
+        return block
+
+    monkeypatch.setattr(hf_checkpoint, "_read_block", recording_read_block)
+    load_hf_checkpoint(path, mesh=parallel.make_mesh({"fsdp": 8}))
+    matrix_reads = [(shape, size) for shape, size in reads if len(shape) == 2]
+    assert matrix_reads and all(size * 8 == np.prod(shape) for shape, size in matrix_reads)
