@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cacherl_jax.chat.tokenizer import TokenizerError
+from cacherl_jax.data.trajectory import TrajectoryError
 from cacherl_jax.model.config import CheckpointError
 from cacherl_jax.parallel import ShardingError
 
@@ -53,6 +55,30 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from cacherl_jax.chat.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(args.corpus, args.vocab_size, args.output)
+    print(
+        f"wrote {args.output}/tokenizer.json ({tokenizer.vocab_size} tokens, chat tags as single tokens)"
+    )
+
+
+def _chat_show(args: argparse.Namespace) -> None:
+    from cacherl_jax.chat import inspect, load_tokenizer, render
+    from cacherl_jax.data import load_jsonl
+
+    trajectories, _ = load_jsonl(args.input)
+    tokenizer = load_tokenizer(args.tokenizer)
+    color = sys.stdout.isatty() and not args.no_color
+    for trajectory in trajectories[args.index : args.index + args.count]:
+        rendered = render(
+            trajectory.messages, trajectory.tools, tokenizer, enable_thinking=args.enable_thinking
+        )
+        print(f"== {trajectory.id}: {inspect.summary(rendered)}")
+        print(inspect.format_tokens(rendered, tokenizer, color=color))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacherl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -74,6 +100,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(run=_convert)
 
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer utilities")
+    tokenizer_commands = tokenizer.add_subparsers(
+        dest="tokenizer_command", required=True, metavar="COMMAND"
+    )
+    train = tokenizer_commands.add_parser(
+        "train",
+        help="train a small byte-level BPE with Qwen3's pre-tokenizer and chat tags",
+        description="Train a byte-level BPE tokenizer on text files. It uses Qwen3's pre-tokenizer "
+        "(single digits) and carries Qwen3's 26 special/tag tokens as single tokens (ids 0..25).",
+    )
+    train.add_argument(
+        "--corpus", nargs="+", required=True, metavar="FILE", help="UTF-8 text files"
+    )
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--output", required=True, metavar="DIR")
+    train.set_defaults(run=_tokenizer_train)
+
+    chat = commands.add_parser("chat", help="inspect rendered conversations")
+    chat_commands = chat.add_subparsers(dest="chat_command", required=True, metavar="COMMAND")
+    show = chat_commands.add_parser(
+        "show",
+        help="render trajectories and mark the trained tokens",
+        description="Render trajectories from a JSONL file in Qwen3's chat format and show which tokens "
+        "carry loss mask 1: green (or ⟦...⟧) for answers and tool calls, cyan (or ⟦think:...⟧) for thinking.",
+    )
+    show.add_argument("input", help="trajectories JSONL")
+    show.add_argument("--tokenizer", default="qwen3", help="'qwen3' or a tokenizer directory")
+    show.add_argument("--index", type=int, default=0, help="first record to show")
+    show.add_argument("--count", type=int, default=1, help="how many records to show")
+    show.add_argument(
+        "--enable-thinking", type=lambda s: {"true": True, "false": False}[s.lower()], default=None
+    )
+    show.add_argument("--no-color", action="store_true")
+    show.set_defaults(run=_chat_show)
+
     demo = commands.add_parser(
         "demo", help="the whole pipeline in miniature on CPU (what `make demo` runs)"
     )
@@ -93,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, ShardingError) as err:
+    except (CheckpointError, ShardingError, TokenizerError, TrajectoryError) as err:
         print(f"cacherl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
