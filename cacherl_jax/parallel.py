@@ -167,15 +167,18 @@ def initialize_distributed(config: Mapping[str, Any] | None) -> None:
     """Calls `jax.distributed.initialize` for multi-host runs when the config asks for it.
 
     `config` is the `distributed` block: `enabled`, and optionally `coordinator_address`,
-    `num_processes`, `process_id` (left out, JAX detects them on TPU pods, SLURM and similar).
+    `num_processes`, `process_id`. Left unset (None, "", 0 processes, a negative id), JAX detects
+    them itself on TPU pods, SLURM and similar clusters.
     """
     if not config or not config.get("enabled", False):
         return
-    kwargs = {
-        key: config[key]
-        for key in ("coordinator_address", "num_processes", "process_id")
-        if config.get(key) is not None
-    }
+    unset = {"coordinator_address": ("",), "num_processes": (0,), "process_id": ()}
+    kwargs = {}
+    for key, empty in unset.items():
+        value = config.get(key)
+        if value is None or value in empty or (isinstance(value, int) and value < 0):
+            continue
+        kwargs[key] = value
     jax.distributed.initialize(**kwargs)
 
 
