@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, checkpoints, metrics, the SFT trainer and `cacherl plan`."""

@@ -1,0 +1,129 @@
+"""Token losses that project onto the vocabulary in chunks.
+
+Qwen3's vocabulary has 151,669 entries: float32 logits for a 16k-token batch alone are ~10 GB,
+and autodiff would keep them (and their softmax) for the backward pass. Here the final hidden
+states are projected one chunk of positions at a time inside a `lax.scan` whose body is
+`jax.checkpoint`ed, so at most one chunk of [tokens, V] logits is alive in the forward pass and
+the backward pass recomputes each chunk's logits instead of storing them.
+
+Chunks run along the sequence axis and keep the batch axis whole, so a batch-sharded `h` stays
+batch-sharded inside every chunk and all devices work on every chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cacherl_jax.model.qwen3 import dense
+
+
+def _chunk_stats(
+    h_BxCxE: jax.Array, w_VxE: jax.Array, targets_BxC: jax.Array, with_entropy: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """float32 log p(target) (and entropy) for one chunk; its [B, C, V] logits die here."""
+    # Same numerics as qwen3.logits_from_hidden (w cast to h's dtype, float32 accumulation), as a
+    # 2-D matmul: XLA's CPU backend runs that form's weight gradient about twice as fast.
+    logits_BxCxV = dense(h_BxCxE, w_VxE.astype(h_BxCxE.dtype).T, preferred_element_type=jnp.float32)
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    logp_BxC = target_BxC - lse_BxC
+    if not with_entropy:
+        return logp_BxC, None
+    # H = -sum p log p = lse - sum p * logits (no log of a zero probability anywhere).
+    p_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+    entropy_BxC = lse_BxC - jnp.sum(p_BxCxV * logits_BxCxV, axis=-1)
+    return logp_BxC, entropy_BxC
+
+
+def _chunked_stats(
+    h_BxTxE: jax.Array,
+    w_VxE: jax.Array,
+    targets_BxT: jax.Array,
+    chunk_size: int,
+    with_entropy: bool,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Runs `_chunk_stats` over chunks of about `chunk_size` tokens (B rows x C positions)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    B, T, E = h_BxTxE.shape
+    if targets_BxT.shape != (B, T):
+        raise ValueError(f"targets {targets_BxT.shape} do not match hidden states {(B, T, E)}")
+    V = w_VxE.shape[0]
+    C = max(1, min(T, chunk_size // B))  # at least one position per row
+    n = -(-T // C)
+    pad = n * C - T
+    # Any id is allowed where the caller ignores the result (e.g. -100 at masked positions);
+    # clipping keeps the gather in range so those positions stay finite.
+    targets_BxT = jnp.clip(targets_BxT, 0, V - 1).astype(jnp.int32)
+    if pad:
+        h_BxTxE = jnp.pad(h_BxTxE, ((0, 0), (0, pad), (0, 0)))
+        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    h_NxBxCxE = h_BxTxE.reshape(B, n, C, E).swapaxes(0, 1)
+    targets_NxBxC = targets_BxT.reshape(B, n, C).swapaxes(0, 1)
+
+    # Saves only the chunk's inputs: the backward pass recomputes the logits.
+    chunk_fn = jax.checkpoint(
+        lambda h, t: _chunk_stats(h, w_VxE, t, with_entropy), prevent_cse=False
+    )
+
+    def step(carry, xs):
+        return carry, chunk_fn(*xs)
+
+    _, (logp_NxBxC, entropy_NxBxC) = lax.scan(step, None, (h_NxBxCxE, targets_NxBxC))
+
+    def unchunk(x_NxBxC):
+        return x_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :T]
+
+    return unchunk(logp_NxBxC), None if entropy_NxBxC is None else unchunk(entropy_NxBxC)
+
+
+def chunked_cross_entropy(
+    h_BxTxE: jax.Array,
+    w_VxE: jax.Array,
+    targets_BxT: jax.Array,
+    weights_BxT: jax.Array,
+    *,
+    chunk_size: int = 2048,
+) -> tuple[jax.Array, jax.Array]:
+    """(loss_sum, count), both float32 scalars, without materialising [B, T, V] logits.
+
+    loss_sum = sum over tokens of weights * (logsumexp(logits) - logits[target]), with
+    logits = h @ w.T accumulated in float32; count = number of tokens with weight > 0.
+    loss_sum / count is the mean; returning both keeps gradient accumulation over micro-batches
+    exact (sum the sums and the counts, divide once). Chunks hold about `chunk_size` tokens
+    (`chunk_size // B` positions of every row; T need not divide evenly). Targets where the
+    weight is 0 may be anything, e.g. -100.
+    """
+    logp_BxT, _ = _chunked_stats(h_BxTxE, w_VxE, targets_BxT, chunk_size, with_entropy=False)
+    weights_BxT = weights_BxT.astype(jnp.float32)
+    loss_sum = -jnp.sum(weights_BxT * logp_BxT)
+    count = jnp.sum(weights_BxT > 0).astype(jnp.float32)
+    return loss_sum, count
+
+
+def token_logprobs(
+    h_BxTxE: jax.Array,
+    w_VxE: jax.Array,
+    targets_BxT: jax.Array,
+    *,
+    chunk_size: int = 2048,
+    return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """float32 log p(target) per token, [B, T]; with `return_entropy`, also the entropy of the
+    full next-token distribution per token, [B, T]. Same chunking as `chunked_cross_entropy`
+    (GRPO's ratios and entropy bonus need per-token values, not a sum)."""
+    logp_BxT, entropy_BxT = _chunked_stats(
+        h_BxTxE, w_VxE, targets_BxT, chunk_size, with_entropy=return_entropy
+    )
+    return (logp_BxT, entropy_BxT) if return_entropy else logp_BxT
+
+
+def sft_weights(
+    loss_mask_BxT: jax.Array, thinking_mask_BxT: jax.Array, thinking_weight: float = 1.0
+) -> jax.Array:
+    """Per-token loss weights: the loss mask, with thinking tokens scaled by `thinking_weight`
+    (so teacher-written reasoning can count more or less than the answer it leads to)."""
+    scale_BxT = jnp.where(thinking_mask_BxT.astype(bool), jnp.float32(thinking_weight), 1.0)
+    return loss_mask_BxT.astype(jnp.float32) * scale_BxT
