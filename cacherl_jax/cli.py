@@ -7,13 +7,16 @@ and a command's heavy dependencies load only for that command.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cacherl_jax.chat.tokenizer import TokenizerError
 from cacherl_jax.data.trajectory import TrajectoryError
 from cacherl_jax.model.config import CheckpointError
 from cacherl_jax.parallel import ShardingError
+from cacherl_jax.train.errors import TrainingError
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -82,6 +85,9 @@ def _chat_show(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacherl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Listed for --help; these parse their own ml-collections flags (see CONFIG_COMMANDS).
+    commands.add_parser("sft", help="masked SFT: --config=configs/sft.py:tiny --workdir=runs/x")
+    commands.add_parser("plan", help="memory per device of an SFT config, compiled ahead of time")
 
     convert = commands.add_parser(
         "convert",
@@ -150,12 +156,106 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _parse_config_flags(command: str, argv: Sequence[str], define_extra) -> Any:
+    """ml-collections config flags (absl), the convention of big_vision and friends:
+    `--config=FILE[:ARG]` plus `--config.FIELD=VALUE` overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    full_argv = [f"cacherl {command}", *argv]
+    # sys_argv tells ml-collections which `--config.X` overrides to define (default: sys.argv).
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "an ml-collections config file[:arg]",
+        flag_values=flag_values,
+        sys_argv=full_argv,
+    )
+    define_extra(flags, flag_values)
     try:
-        args.run(args)
-    except (CheckpointError, ShardingError, TokenizerError, TrajectoryError) as err:
-        print(f"cacherl {args.command}: error: {err}", file=sys.stderr)
+        flag_values(full_argv)
+    except flags.Error as err:
+        raise CommandLineError(str(err)) from err
+    if flag_values.config is None:
+        raise CommandLineError("--config=FILE[:ARG] is required")
+    return flag_values
+
+
+class CommandLineError(ValueError):
+    pass
+
+
+def _sft(argv: Sequence[str]) -> None:
+    """`cacherl sft --config=configs/sft.py:VARIANT [--config.FIELD=VALUE ...] --workdir=DIR`."""
+
+    def extra(flags, flag_values):
+        flags.DEFINE_string(
+            "workdir",
+            None,
+            "run directory (checkpoints, metrics, exports)",
+            flag_values=flag_values,
+        )
+        flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=flag_values)
+
+    flag_values = _parse_config_flags("sft", argv, extra)
+    if not flag_values.workdir:
+        raise CommandLineError("--workdir=DIR is required")
+    from cacherl_jax.train import sft
+
+    summary = sft.train(flag_values.config, flag_values.workdir, progress=flag_values.progress)
+    print(json.dumps(summary))
+
+
+def _plan(argv: Sequence[str]) -> None:
+    """`cacherl plan --config=configs/sft.py:qwen3_4b --cpu-devices=8 --device-memory-gb=80`."""
+
+    def extra(flags, flag_values):
+        flags.DEFINE_integer(
+            "cpu_devices",
+            8,
+            "simulated CPU devices standing in for the mesh",
+            flag_values=flag_values,
+        )
+        flags.DEFINE_float(
+            "device_memory_gb",
+            0.0,
+            "memory of one real device, to say whether it fits",
+            flag_values=flag_values,
+        )
+
+    flag_values = _parse_config_flags("plan", argv, extra)
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", flag_values.cpu_devices)
+    from cacherl_jax.train import plan
+
+    result = plan.plan(flag_values.config, devices=jax.devices("cpu"))
+    print(plan.format_plan(result, flag_values.device_memory_gb or None))
+    print(json.dumps(result | {"model": result["model"]["hidden_size"]}))
+
+
+CONFIG_COMMANDS = {"sft": _sft, "plan": _plan}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in CONFIG_COMMANDS:
+        command, run = argv[0], lambda: CONFIG_COMMANDS[argv[0]](argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.run(args)
+    try:
+        run()
+    except (
+        CommandLineError,
+        CheckpointError,
+        ShardingError,
+        TokenizerError,
+        TrajectoryError,
+        TrainingError,
+    ) as err:
+        print(f"cacherl {command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,417 @@
+"""Masked SFT: `cacherl sft --config=configs/sft.py:tiny --workdir=runs/x`.
+
+The same command runs on a laptop and a pod: the mesh comes from the config, batches are built
+per host and assembled into global arrays, and the train step is one pure function jitted once
+with explicit shardings and the state donated. Re-running the command in a workdir that holds a
+checkpoint resumes it exactly (parameters, optimizer, step and data position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cacherl_jax import parallel
+from cacherl_jax.chat import Tokenizer, load_tokenizer, train_tokenizer
+from cacherl_jax.chat.template import render_text
+from cacherl_jax.data import load_jsonl
+from cacherl_jax.data import pipeline as data_pipeline
+from cacherl_jax.model import (
+    Qwen3Config,
+    init_params,
+    load_hf_checkpoint,
+    presets,
+    qwen3,
+    save_hf_checkpoint,
+)
+from cacherl_jax.model import lora as lora_lib
+from cacherl_jax.train import checkpoint as checkpoint_lib
+from cacherl_jax.train.errors import TrainingError
+from cacherl_jax.train.loss import chunked_cross_entropy, sft_weights
+from cacherl_jax.train.metrics import MetricsWriter, global_norm
+from cacherl_jax.train.optimizer import init_optimizer_state, make_optimizer
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = (
+    "tokens_BxT",
+    "targets_BxT",
+    "loss_mask_BxT",
+    "thinking_mask_BxT",
+    "segment_ids_BxT",
+    "positions_BxT",
+)
+
+
+# --- the pure part: loss and train step -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    model: Qwen3Config
+    lora: lora_lib.LoraConfig | None
+    grad_accum: int
+    thinking_weight: float
+    loss_chunk_size: int
+
+
+def model_params(trainable: Any, base: Any, step_config: StepConfig) -> Any:
+    """The parameters the forward pass sees: the trainable ones, or the frozen base plus LoRA."""
+    if step_config.lora is None:
+        return trainable
+    return lora_lib.merge_lora(jax.lax.stop_gradient(base), trainable, step_config.lora)
+
+
+def loss_sum_and_count(
+    trainable, base, batch, step_config: StepConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Masked next-token cross-entropy as (sum, count) over the batch's trained targets."""
+    params = model_params(trainable, base, step_config)
+    x_BxTxE = qwen3.embed(params, step_config.model, batch["tokens_BxT"])
+    h_BxTxE = qwen3.hidden_states(
+        params,
+        step_config.model,
+        x_BxTxE,
+        positions_BxT=batch["positions_BxT"],
+        segment_ids_BxT=batch["segment_ids_BxT"],
+    )
+    weights_BxT = sft_weights(
+        batch["loss_mask_BxT"], batch["thinking_mask_BxT"], step_config.thinking_weight
+    )
+    return chunked_cross_entropy(
+        h_BxTxE,
+        qwen3.unembedding(params),
+        batch["targets_BxT"],
+        weights_BxT,
+        chunk_size=step_config.loss_chunk_size,
+    )
+
+
+def make_train_step(
+    step_config: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
+):
+    """`(state, base, batch) -> (state, metrics)`; `state` = {step, trainable, opt_state}."""
+
+    def train_step(state, base, batch):
+        accum = step_config.grad_accum
+        # The mean is over every trained token of the whole batch, so microbatches add up exactly.
+        total_count = jnp.maximum(jnp.sum(batch["loss_mask_BxT"] > 0).astype(jnp.float32), 1.0)
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+        def micro_step(carry, micro_batch):
+            grads_acc, loss_acc = carry
+
+            def scaled_loss(trainable):
+                loss_sum, _ = loss_sum_and_count(trainable, base, micro_batch, step_config)
+                return loss_sum / total_count, loss_sum
+
+            (_, loss_sum), grads = jax.value_and_grad(scaled_loss, has_aux=True)(state["trainable"])
+            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+        (grads, loss_sum), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), micro)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        metrics = {
+            "loss": loss_sum / total_count,
+            "trained_tokens": total_count,
+            "grad_norm": global_norm(grads),
+            "param_norm": global_norm(trainable),
+            "update_norm": global_norm(updates),
+            "lr": schedule(state["step"]),
+        }
+        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+
+    return train_step
+
+
+# --- setup ---------------------------------------------------------------------------------------------
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: Path, trajectories: list) -> Tokenizer:
+    spec = config.tokenizer.spec
+    if spec:
+        return load_tokenizer(spec)
+    local = workdir / "tokenizer"
+    if (local / "tokenizer.json").exists():  # a resumed run keeps the vocabulary it started with
+        return load_tokenizer(local)
+    texts = (render_text(t.messages, t.tools) for t in trajectories)
+    return train_tokenizer(texts, config.tokenizer.train_vocab_size, local, from_files=False)
+
+
+def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Qwen3Config:
+    runtime = {
+        "compute_dtype": config.model.compute_dtype,
+        "remat": config.model.remat,
+        "unroll_layers": config.model.unroll_layers,
+    }
+    if config.model.checkpoint:
+        from cacherl_jax.model import read_config
+
+        model = read_config(config.model.checkpoint, **runtime)
+    else:
+        model = presets.preset(config.model.preset, **runtime)
+        if config.tokenizer.spec == "":  # a tokenizer trained for this run sets the vocabulary
+            model = model.replace(vocab_size=tokenizer.vocab_size)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise TrainingError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, the model only {model.vocab_size} embeddings"
+        )
+    return model
+
+
+def fingerprint(config: ml_collections.ConfigDict, model: Qwen3Config) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run resuming it."""
+    architecture = {
+        k: v for k, v in dataclasses.asdict(model).items() if k in Qwen3Config.__dataclass_fields__
+    }
+    for runtime in ("compute_dtype", "remat", "unroll_layers", "attention_block"):
+        architecture.pop(runtime, None)
+    return {
+        "model": architecture,
+        "model_checkpoint": config.model.checkpoint,
+        "param_dtype": config.model.param_dtype,
+        "lora": {
+            "rank": config.lora.rank,
+            "alpha": config.lora.alpha,
+            "targets": list(config.lora.targets),
+        }
+        if config.lora.rank
+        else None,
+        "tokenizer": config.tokenizer.spec or f"trained:{config.tokenizer.train_vocab_size}",
+        "data": {
+            "train": config.data.train,
+            "seq_len": config.data.seq_len,
+            "batch_size": config.data.batch_size,
+        },
+        "seed": config.seed,
+    }
+
+
+def _to_global(
+    batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding
+) -> dict[str, jax.Array]:
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(batch[key]))
+        for key in BATCH_KEYS
+    }
+
+
+def _fetch(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    return {key: float(value) for key, value in jax.device_get(dict(metrics)).items()}
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    devices: list[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) SFT in `workdir`; returns a summary with the final metrics.
+
+    `devices` (default: all) is the set the config's mesh is laid over.
+    """
+    workdir = Path(workdir).absolute()
+    parallel.initialize_distributed(config.distributed)
+    mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
+    if config.data.batch_size % (config.train.grad_accum * _batch_shards(mesh)):
+        raise TrainingError(
+            f"data.batch_size {config.data.batch_size} must split into grad_accum="
+            f"{config.train.grad_accum} microbatches over {_batch_shards(mesh)} batch shards "
+            f"(mesh {parallel.describe(mesh)})"
+        )
+    if not config.data.train:
+        raise TrainingError(
+            "config.data.train is empty: give a trajectories JSONL (--config.data.train=PATH)"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    trajectories, report = load_jsonl(config.data.train, on_error=config.data.on_error)
+    if not trajectories:
+        raise TrainingError(
+            f"{config.data.train}: no usable trajectories ({report.skipped} malformed records skipped)"
+        )
+    tokenizer = _tokenizer(config, workdir, trajectories)
+    model = _model_config(config, tokenizer)
+    examples = data_pipeline.render_examples(
+        trajectories,
+        tokenizer,
+        enable_thinking=config.data.enable_thinking,
+        train_on=config.data.train_on,
+        train_thinking=config.data.train_thinking,
+    )
+    pipeline_config = data_pipeline.PipelineConfig(
+        seq_len=config.data.seq_len,
+        batch_size=config.data.batch_size,
+        seed=config.seed,
+        shuffle=config.data.shuffle,
+        overflow=config.data.overflow,
+        pad_id=tokenizer.pad_id,
+    )
+    try:
+        dataset = data_pipeline.make_dataset(
+            examples,
+            pipeline_config,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    except ValueError as err:  # e.g. nothing trainable within seq_len
+        raise TrainingError(f"{config.data.train}: {err}") from err
+    data_iterator = iter(dataset)
+
+    # Parameters: a checkpoint or a fresh init, placed in their shards; LoRA keeps the base frozen.
+    param_dtype = jnp.dtype(config.model.param_dtype)
+    key = jax.random.key(config.seed)
+    if config.model.checkpoint:
+        _, params = load_hf_checkpoint(
+            config.model.checkpoint, mesh=mesh, dtype=param_dtype, **_runtime_fields(model)
+        )
+    else:
+        params = init_params(model, key, dtype=param_dtype, mesh=mesh)
+    lora = None
+    if config.lora.rank:
+        lora = lora_lib.LoraConfig(
+            rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
+        )
+        base, trainable = (
+            params,
+            lora_lib.init_lora(model, lora, jax.random.fold_in(key, 1), mesh=mesh),
+        )
+    else:
+        base, trainable = None, params
+
+    tx, schedule = make_optimizer(config.train)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "trainable": trainable,
+        "opt_state": init_optimizer_state(tx, trainable, mesh),
+    }
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    checkpoints = checkpoint_lib.Checkpoints(
+        workdir / "checkpoints",
+        fingerprint(config, model),
+        keep=config.train.keep_checkpoints,
+        async_save=config.train.async_checkpoints,
+    )
+    start_step = 0
+    restored = checkpoints.restore_latest(state)
+    if restored is not None:
+        state, data_state, start_step = restored
+        data_pipeline.set_state(data_iterator, data_state)
+        log.info("resumed from step %d", start_step)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    step_config = StepConfig(
+        model=model,
+        lora=lora,
+        grad_accum=config.train.grad_accum,
+        thinking_weight=config.train.thinking_weight,
+        loss_chunk_size=config.train.loss_chunk_size,
+    )
+    batch_sharding = parallel.batch_sharding(mesh)
+    base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
+    train_step = jax.jit(
+        make_train_step(step_config, tx, schedule),
+        in_shardings=(state_shardings, base_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+
+    writer = MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    ids_log = workdir / "example_ids.jsonl" if config.train.log_example_ids else None
+    steps = config.train.steps
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        desc="sft",
+        unit="step",
+        disable=not progress or jax.process_index(),
+    )
+    last: dict[str, float] = {}
+    window_start, window_tokens = time.perf_counter(), 0
+    try:
+        for step in range(start_step, steps):
+            batch = next(data_iterator)
+            state, metrics = train_step(state, base, _to_global(batch, batch_sharding))
+            window_tokens += int(np.sum(batch["segment_ids_BxT"] > 0))
+            if ids_log is not None and jax.process_index() == 0:
+                with ids_log.open("a") as f:
+                    f.write(
+                        json.dumps({"step": step + 1, "example_ids": _example_ids(batch)}) + "\n"
+                    )
+            is_log = (step + 1) % config.train.log_every == 0 or step + 1 == steps
+            is_checkpoint = (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps
+            if is_log or is_checkpoint:
+                last = _fetch(metrics)
+                if not np.isfinite(last["loss"]):
+                    raise TrainingError(
+                        f"step {step + 1}: loss is {last['loss']}; stopping without saving "
+                        f"(last good checkpoint: step {checkpoints.latest_step()})"
+                    )
+                elapsed = time.perf_counter() - window_start
+                last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                last.update(_data_stats(batch))
+                writer.write(step + 1, last)
+                window_start, window_tokens = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if is_checkpoint:
+                checkpoints.save(step + 1, state, data_pipeline.get_state(data_iterator))
+            bar.update()
+    finally:
+        bar.close()
+        checkpoints.wait()
+        writer.close()
+
+    summary = {"steps": steps, "resumed_from": start_step, **last}
+    if config.train.export_hf:
+        final = model_params(state["trainable"], base, step_config)
+        export_dir = workdir / "hf"
+        if export_dir.exists() and jax.process_index() == 0:
+            shutil.rmtree(export_dir)
+        save_hf_checkpoint(model, final, export_dir)
+        if not config.tokenizer.spec and jax.process_index() == 0:
+            shutil.copy(workdir / "tokenizer" / "tokenizer.json", export_dir / "tokenizer.json")
+        summary["export"] = str(export_dir)
+    return summary
+
+
+def _runtime_fields(model: Qwen3Config) -> dict[str, Any]:
+    return {
+        "compute_dtype": model.compute_dtype,
+        "remat": model.remat,
+        "unroll_layers": model.unroll_layers,
+    }
+
+
+def _batch_shards(mesh: jax.sharding.Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def _example_ids(batch: Mapping[str, np.ndarray]) -> list[int]:
+    ids = np.asarray(batch["example_ids_BxT"])
+    return sorted({int(i) for i in ids[ids >= 0]})
+
+
+def _data_stats(batch: Mapping[str, Any]) -> dict[str, float]:
+    # Whole-run counts from the pipeline: examples packed, truncated and skipped so far, epoch.
+    return {f"data/{k}": float(v) for k, v in batch["stats"].items()}
