@@ -1,0 +1,227 @@
+"""One SFT step (forward, backward, clipping, AdamW) of our trainer against transformers + torch.
+
+    .venv/bin/python experiments/bench_train_step.py [--batch 8] [--seq-len 512] [--repeats 5]
+
+Model: Qwen3 with vocab 8192, hidden 512, MLP 1536, 8 layers, 8 heads (4 KV), head_dim 64, tied
+embeddings, float32, the same random weights on both sides. Each side runs in its own subprocess
+so its peak resident memory is its own. MFU is measured against a float32 matmul peak that this
+script measures with JAX in the same run. Prints a table, then one JSON line with `ratio`
+(ours / transformers tokens per second) and `mfu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODEL = "bench_29m"
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from cacherl_jax.model import load_hf_checkpoint
+    from cacherl_jax.train import sft
+    from cacherl_jax.train.optimizer import make_optimizer
+
+    config, params = load_hf_checkpoint(checkpoint, unroll_layers=True)
+    train = ml_collections.ConfigDict(
+        dict(lr=1e-4, steps=1000, warmup_steps=0, schedule="cosine", end_lr_ratio=0.1, weight_decay=0.01,
+             b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0)
+    )  # fmt: skip
+    tx, schedule = make_optimizer(train)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": params,
+        "opt_state": jax.jit(tx.init)(params),
+    }
+    step_config = sft.StepConfig(config, None, 1, 1.0, 2048)
+    step = jax.jit(sft.make_train_step(step_config, tx, schedule), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (batch, seq_len + 1))
+    batch_arrays = {
+        "tokens_BxT": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets_BxT": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "loss_mask_BxT": jnp.ones((batch, seq_len), jnp.int32),
+        "thinking_mask_BxT": jnp.zeros((batch, seq_len), jnp.int32),
+        "segment_ids_BxT": jnp.ones((batch, seq_len), jnp.int32),
+        "positions_BxT": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
+    }
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], None, batch_arrays)
+        return float(metrics["loss"])
+
+    first_loss = one_step()
+    seconds = _median_time(one_step, repeats)
+    memory = step.lower(holder["state"], None, batch_arrays).compile().memory_analysis()
+
+    # The float32 matmul peak of this machine, as JAX reaches it.
+    a = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul_seconds = _median_time(lambda: matmul(a, a).block_until_ready(), 5)
+    n_matmul = (
+        sum(x.size for k, x in params["layers"].items() if x.ndim >= 3) + params["embed"].size
+    )
+    flops_per_token = (
+        6 * n_matmul + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    )
+    return {
+        "seconds": seconds,
+        "first_loss": first_loss,
+        "peak_rss_gib": _peak_rss_gib(),
+        "xla_bytes_gib": (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+        / 1024**3,
+        "matmul_peak_gflops": 2 * 2048**3 / matmul_seconds / 1e9,
+        "flops_per_token": flops_per_token,
+    }
+
+
+def run_torch(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
+    )
+    tokens = torch.as_tensor(
+        np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq_len + 1))
+    )
+
+    def one_step():
+        logits = model(tokens[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    first_loss = one_step()
+    seconds = _median_time(one_step, repeats)
+    return {
+        "seconds": seconds,
+        "first_loss": first_loss,
+        "peak_rss_gib": _peak_rss_gib(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.side:  # a child process: run one side, print its JSON
+        run = run_jax if args.side == "jax" else run_torch
+        print(json.dumps(run(args.checkpoint, args.batch, args.seq_len, args.repeats)))
+        return
+
+    from cacherl_jax import reference
+    from cacherl_jax.model import presets
+
+    config = presets.preset(MODEL)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_random_hf_checkpoint(config, tmp)
+        for side in ("jax", "torch"):
+            command = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--checkpoint",
+                tmp,
+                "--batch",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq_len),
+                "--repeats",
+                str(args.repeats),
+            ]
+            out = subprocess.run(
+                command,
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TQDM_DISABLE": "1"},
+            )
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    tokens = args.batch * args.seq_len
+    ours, theirs = results["jax"], results["torch"]
+    ours_tps, theirs_tps = tokens / ours["seconds"], tokens / theirs["seconds"]
+    achieved_gflops = ours["flops_per_token"] * ours_tps / 1e9
+    mfu = achieved_gflops / ours["matmul_peak_gflops"]
+    print(
+        f"SFT step, Qwen3 {MODEL} float32, batch {args.batch} x {args.seq_len}, {os.cpu_count()} CPU cores"
+    )
+    print(f"{'':<26} {'ours (JAX)':>12} {'transformers':>14}")
+    print(f"{'tokens/s':<26} {ours_tps:>12.0f} {theirs_tps:>14.0f}")
+    print(f"{'seconds/step':<26} {ours['seconds']:>12.3f} {theirs['seconds']:>14.3f}")
+    print(f"{'first-step loss':<26} {ours['first_loss']:>12.4f} {theirs['first_loss']:>14.4f}")
+    print(
+        f"{'peak RSS GiB (process)':<26} {ours['peak_rss_gib']:>12.2f} {theirs['peak_rss_gib']:>14.2f}"
+    )
+    print(
+        f"ratio {ours_tps / theirs_tps:.2f}; {achieved_gflops:.1f} GFLOP/s = MFU {mfu:.1%} of the measured JAX f32 matmul peak {ours['matmul_peak_gflops']:.1f} GFLOP/s; XLA plans {ours['xla_bytes_gib']:.2f} GiB"
+    )
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": round(ours_tps, 1),
+                "tokens_per_s_transformers": round(theirs_tps, 1),
+                "ratio": round(ours_tps / theirs_tps, 3),
+                "mfu": round(mfu, 3),
+                "matmul_peak_gflops": round(ours["matmul_peak_gflops"], 1),
+                "achieved_gflops": round(achieved_gflops, 1),
+                "peak_rss_gib": round(ours["peak_rss_gib"], 3),
+                "peak_rss_gib_transformers": round(theirs["peak_rss_gib"], 3),
+                "xla_planned_gib": round(ours["xla_bytes_gib"], 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
