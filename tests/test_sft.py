@@ -90,11 +90,10 @@ def _step_setup(config, mesh, batches):
     model = presets.preset("tiny", vocab_size=512, unroll_layers=False)
     tx, schedule = make_optimizer(config.train)
     params = init_params(model, jax.random.key(0), mesh=mesh)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "trainable": params,
-        "opt_state": jax.jit(tx.init)(params),
-    }
+    opt_state = init_optimizer_state(tx, params, mesh)
+    mu = opt_state[1][0].mu  # Adam's first moment is sharded like the parameter it follows
+    assert all(jax.tree.leaves(jax.tree.map(lambda m, p: m.sharding == p.sharding, mu, params)))
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": params, "opt_state": opt_state}
     step_config = sft.StepConfig(model, None, config.train.grad_accum, 1.0, 512)
     step = jax.jit(sft.make_train_step(step_config, tx, schedule))
     sharding = parallel.batch_sharding(mesh)
