@@ -124,6 +124,8 @@ def causal_self_attention(
     up to its own end: the blocks above the diagonal are all masked, so skipping them is exact and
     saves close to half the work (measured 1.6x faster forward+backward on CPU at 512 tokens).
     """
+    if jax.default_backend() == "cpu":
+        return _grouped_attention_cpu(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)
     T = q_BxTxHxD.shape[1]
     block = config.attention_block
     if block is None or block >= T:
@@ -146,11 +148,66 @@ def causal_self_attention(
 def _dot_product_attention(
     q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, config: Qwen3Config
 ) -> jax.Array:
-    # XLA on CPU/TPU; on recent NVIDIA GPUs the same call can dispatch to cuDNN flash attention.
+    # XLA on TPU; on recent NVIDIA GPUs the same call can dispatch to cuDNN flash attention.
     # Grouped-query attention is native: H query heads share K key/value heads.
     return jax.nn.dot_product_attention(
         q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxTxS[:, None, :, :], scale=config.head_dim**-0.5
     )
+
+
+def _grouped_attention_cpu(
+    q_BxTxHxD: jax.Array,
+    k_BxTxKxD: jax.Array,
+    v_BxTxKxD: jax.Array,
+    mask_BxTxT: jax.Array,
+    config: Qwen3Config,
+) -> jax.Array:
+    """The same attention written out for XLA's CPU backend, with the same causal block skipping.
+
+    Faster on CPU than `jax.nn.dot_product_attention` (which vmaps over the query group and
+    contracts [B, T, N, D] operands in place): the G query heads that share a key/value head are
+    stacked as rows, so each (batch, kv head) pair is one [G*T, D] x [D, S] matmul on contiguous
+    operands (the transposes fuse into RoPE); the scale goes on q (T*D multiplies, not T*S); and
+    the softmax is normalised after the value matmul (a [T, D] divide, not [T, S]). Measured on
+    2 busy cores at bench_29m shapes, 8 x 512 tokens: one layer's attention forward+backward
+    0.42 s -> 0.29 s; the whole training step 10.3 s -> 9.5-9.8 s, the forward 6.4 s -> 5.5 s.
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    K = k_BxTxKxD.shape[2]
+    G = H // K
+    block = min(config.attention_block or T, T)
+    scale = jnp.asarray(config.head_dim**-0.5, q_BxTxHxD.dtype)
+    q_BxKxGxTxD = (q_BxTxHxD * scale).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
+    k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
+    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        Q = stop - start  # queries in this block; R = G * Q rows once the group is stacked
+        q_BxKxRxD = q_BxKxGxTxD[:, :, :, start:stop].reshape(B, K, G * Q, D)
+        logits_BxKxRxS = jnp.einsum(
+            "bkrd,bksd->bkrs",
+            q_BxKxRxD,
+            k_BxKxTxD[:, :, :stop],
+            preferred_element_type=jnp.float32,
+        )
+        logits_BxKxGxQxS = logits_BxKxRxS.reshape(B, K, G, Q, stop)
+        mask_Bx1x1xQxS = mask_BxTxT[:, None, None, start:stop, :stop]
+        logits_BxKxGxQxS = jnp.where(mask_Bx1x1xQxS, logits_BxKxGxQxS, -jnp.inf)
+        # Every row keeps at least its own key, so the max is finite.
+        max_BxKxGxQx1 = lax.stop_gradient(jnp.max(logits_BxKxGxQxS, axis=-1, keepdims=True))
+        exp_BxKxGxQxS = jnp.exp(logits_BxKxGxQxS - max_BxKxGxQx1)
+        sum_BxKxGxQx1 = jnp.sum(exp_BxKxGxQxS, axis=-1, keepdims=True)
+        out_BxKxRxD = jnp.einsum(
+            "bkrs,bksd->bkrd",
+            exp_BxKxGxQxS.reshape(B, K, G * Q, stop).astype(v_BxKxTxD.dtype),
+            v_BxKxTxD[:, :, :stop],
+            preferred_element_type=jnp.float32,
+        )
+        out_BxKxGxQxD = out_BxKxRxD.reshape(B, K, G, Q, D) / sum_BxKxGxQx1
+        outs.append(out_BxKxGxQxD.astype(q_BxTxHxD.dtype))
+    out_BxKxGxTxD = jnp.concatenate(outs, axis=3)
+    return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 def mlp(layer: Params, h_BxTxE: jax.Array) -> jax.Array:
