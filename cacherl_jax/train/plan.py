@@ -19,9 +19,9 @@ import numpy as np
 
 from cacherl_jax import parallel
 from cacherl_jax.model import lora as lora_lib
-from cacherl_jax.model import param_shapes, param_shardings, presets, read_config
+from cacherl_jax.model import param_shapes, param_shardings
 from cacherl_jax.train.optimizer import make_optimizer, optimizer_state_shardings
-from cacherl_jax.train.sft import BATCH_KEYS, StepConfig, make_train_step
+from cacherl_jax.train.sft import BATCH_KEYS, StepConfig, make_train_step, model_config
 
 GIB = 1024**3
 
@@ -43,15 +43,7 @@ def _abstract(shapes: Any, shardings: Any) -> Any:
 
 def plan(config: ml_collections.ConfigDict, devices: Any = None) -> dict[str, Any]:
     mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
-    runtime = {
-        "compute_dtype": config.model.compute_dtype,
-        "remat": config.model.remat,
-        "unroll_layers": config.model.unroll_layers,
-    }
-    if config.model.checkpoint:
-        model = read_config(config.model.checkpoint, **runtime)
-    else:
-        model = presets.preset(config.model.preset, **runtime)
+    model = model_config(config)
     param_dtype = jnp.dtype(config.model.param_dtype)
     params = _abstract(param_shapes(model, param_dtype), param_shardings(model, mesh))
 

@@ -35,6 +35,7 @@ from cacherl_jax.model import (
     load_hf_checkpoint,
     presets,
     qwen3,
+    read_config,
     save_hf_checkpoint,
 )
 from cacherl_jax.model import lora as lora_lib
@@ -46,14 +47,8 @@ from cacherl_jax.train.optimizer import init_optimizer_state, make_optimizer
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = (
-    "tokens_BxT",
-    "targets_BxT",
-    "loss_mask_BxT",
-    "thinking_mask_BxT",
-    "segment_ids_BxT",
-    "positions_BxT",
-)
+# What goes to the devices; example ids stay on the host (for logging which examples a step saw).
+BATCH_KEYS = tuple(key for key in data_pipeline.BATCH_KEYS if key != "example_ids_BxT")
 
 
 # --- the pure part: loss and train step -------------------------------------------------------------
@@ -152,20 +147,26 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: Path, trajectories: l
     return train_tokenizer(texts, config.tokenizer.train_vocab_size, local, from_files=False)
 
 
-def _model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Qwen3Config:
+def model_config(
+    config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None
+) -> Qwen3Config:
+    """The model a config asks for: a checkpoint's or a preset's shape, with the runtime options.
+
+    A tokenizer trained for this run (`tokenizer.spec == ""`) sets the vocabulary size.
+    """
     runtime = {
         "compute_dtype": config.model.compute_dtype,
         "remat": config.model.remat,
         "unroll_layers": config.model.unroll_layers,
     }
     if config.model.checkpoint:
-        from cacherl_jax.model import read_config
-
         model = read_config(config.model.checkpoint, **runtime)
     else:
         model = presets.preset(config.model.preset, **runtime)
-        if config.tokenizer.spec == "":  # a tokenizer trained for this run sets the vocabulary
+        if tokenizer is not None and config.tokenizer.spec == "":
             model = model.replace(vocab_size=tokenizer.vocab_size)
+    if tokenizer is None:
+        return model
     if tokenizer.vocab_size > model.vocab_size:
         raise TrainingError(
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, the model only {model.vocab_size} embeddings"
@@ -249,7 +250,7 @@ def train(
             f"{config.data.train}: no usable trajectories ({report.skipped} malformed records skipped)"
         )
     tokenizer = _tokenizer(config, workdir, trajectories)
-    model = _model_config(config, tokenizer)
+    model = model_config(config, tokenizer)
     examples = data_pipeline.render_examples(
         trajectories,
         tokenizer,
@@ -281,7 +282,12 @@ def train(
     key = jax.random.key(config.seed)
     if config.model.checkpoint:
         _, params = load_hf_checkpoint(
-            config.model.checkpoint, mesh=mesh, dtype=param_dtype, **_runtime_fields(model)
+            config.model.checkpoint,
+            mesh=mesh,
+            dtype=param_dtype,
+            compute_dtype=model.compute_dtype,
+            remat=model.remat,
+            unroll_layers=model.unroll_layers,
         )
     else:
         params = init_params(model, key, dtype=param_dtype, mesh=mesh)
@@ -393,14 +399,6 @@ def train(
             shutil.copy(workdir / "tokenizer" / "tokenizer.json", export_dir / "tokenizer.json")
         summary["export"] = str(export_dir)
     return summary
-
-
-def _runtime_fields(model: Qwen3Config) -> dict[str, Any]:
-    return {
-        "compute_dtype": model.compute_dtype,
-        "remat": model.remat,
-        "unroll_layers": model.unroll_layers,
-    }
 
 
 def _batch_shards(mesh: jax.sharding.Mesh) -> int:
