@@ -42,8 +42,9 @@ from cacherl_jax.model import lora as lora_lib
 from cacherl_jax.train import checkpoint as checkpoint_lib
 from cacherl_jax.train.errors import TrainingError
 from cacherl_jax.train.loss import chunked_cross_entropy, sft_weights
-from cacherl_jax.train.metrics import MetricsWriter, global_norm
+from cacherl_jax.train.metrics import MetricsWriter
 from cacherl_jax.train.optimizer import init_optimizer_state, make_optimizer
+from cacherl_jax.train.step import make_update_step
 
 log = logging.getLogger(__name__)
 
@@ -98,37 +99,25 @@ def loss_sum_and_count(
 def make_train_step(
     step_config: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
 ):
-    """`(state, base, batch) -> (state, metrics)`; `state` = {step, trainable, opt_state}."""
+    """`(state, base, batch) -> (state, metrics)`; `state` = {step, trainable, opt_state}.
+
+    The loss is the mean over every trained token of the whole batch, so micro-batches (and
+    sharded batches) add up exactly; `trained_tokens` is that count.
+    """
+
+    def loss_fn(trainable, base, micro_batch):
+        loss_sum, _ = loss_sum_and_count(trainable, base, micro_batch, step_config)
+        return loss_sum, {}
+
+    def count_fn(batch):
+        return jnp.sum(batch["loss_mask_BxT"] > 0)
+
+    update_step = make_update_step(loss_fn, count_fn, tx, schedule, step_config.grad_accum)
 
     def train_step(state, base, batch):
-        accum = step_config.grad_accum
-        # The mean is over every trained token of the whole batch, so microbatches add up exactly.
-        total_count = jnp.maximum(jnp.sum(batch["loss_mask_BxT"] > 0).astype(jnp.float32), 1.0)
-        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-
-        def micro_step(carry, micro_batch):
-            grads_acc, loss_acc = carry
-
-            def scaled_loss(trainable):
-                loss_sum, _ = loss_sum_and_count(trainable, base, micro_batch, step_config)
-                return loss_sum / total_count, loss_sum
-
-            (_, loss_sum), grads = jax.value_and_grad(scaled_loss, has_aux=True)(state["trainable"])
-            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-        (grads, loss_sum), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), micro)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
-        metrics = {
-            "loss": loss_sum / total_count,
-            "trained_tokens": total_count,
-            "grad_norm": global_norm(grads),
-            "param_norm": global_norm(trainable),
-            "update_norm": global_norm(updates),
-            "lr": schedule(state["step"]),
-        }
-        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+        state, metrics = update_step(state, base, batch)
+        metrics["trained_tokens"] = metrics.pop("count")
+        return state, metrics
 
     return train_step
 
