@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cacherl_jax.agent.tool_cache import ToolCacheError
 from cacherl_jax.chat.tokenizer import TokenizerError
 from cacherl_jax.data.trajectory import TrajectoryError
 from cacherl_jax.model.config import CheckpointError
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Listed for --help; these parse their own ml-collections flags (see CONFIG_COMMANDS).
     commands.add_parser("sft", help="masked SFT: --config=configs/sft.py:tiny --workdir=runs/x")
+    commands.add_parser(
+        "grpo", help="GRPO with cache-backed rollouts: --config=configs/grpo.py:tiny"
+    )
     commands.add_parser("plan", help="memory per device of an SFT config, compiled ahead of time")
 
     convert = commands.add_parser(
@@ -173,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--no-reasoning", action="store_true", help="no short reasoning strings")
     tasks.add_argument("--output", required=True)
     tasks.set_defaults(run=_tasks)
+
+    from cacherl_jax.agent.cache_cli import register_cli as register_cache_cli
+
+    register_cache_cli(commands)
     return parser
 
 
@@ -206,24 +214,24 @@ class CommandLineError(ValueError):
     pass
 
 
-def _sft(argv: Sequence[str]) -> None:
-    """`cacherl sft --config=configs/sft.py:VARIANT [--config.FIELD=VALUE ...] --workdir=DIR`."""
+def _workdir_flags(flags, flag_values):
+    flags.DEFINE_string(
+        "workdir", None, "run directory (checkpoints, metrics, exports)", flag_values=flag_values
+    )
+    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=flag_values)
 
-    def extra(flags, flag_values):
-        flags.DEFINE_string(
-            "workdir",
-            None,
-            "run directory (checkpoints, metrics, exports)",
-            flag_values=flag_values,
-        )
-        flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=flag_values)
 
-    flag_values = _parse_config_flags("sft", argv, extra)
+def _train_command(command: str, argv: Sequence[str]) -> None:
+    """`cacherl sft|grpo --config=configs/CMD.py:VARIANT [--config.FIELD=VALUE ...] --workdir=DIR`."""
+    flag_values = _parse_config_flags(command, argv, _workdir_flags)
     if not flag_values.workdir:
         raise CommandLineError("--workdir=DIR is required")
-    from cacherl_jax.train import sft
+    if command == "sft":
+        from cacherl_jax.train.sft import train
+    else:
+        from cacherl_jax.train.grpo import train
 
-    summary = sft.train(flag_values.config, flag_values.workdir, progress=flag_values.progress)
+    summary = train(flag_values.config, flag_values.workdir, progress=flag_values.progress)
     print(json.dumps(summary))
 
 
@@ -255,7 +263,11 @@ def _plan(argv: Sequence[str]) -> None:
     print(json.dumps(result | {"model": result["model"]["hidden_size"]}))
 
 
-CONFIG_COMMANDS = {"sft": _sft, "plan": _plan}
+CONFIG_COMMANDS = {
+    "sft": lambda argv: _train_command("sft", argv),
+    "grpo": lambda argv: _train_command("grpo", argv),
+    "plan": _plan,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TokenizerError,
         TrajectoryError,
         TrainingError,
+        ToolCacheError,
     ) as err:
         print(f"cacherl {command}: error: {err}", file=sys.stderr)
         return 2

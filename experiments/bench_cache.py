@@ -1,0 +1,426 @@
+"""Tool cache at scale: lookup latency per tier, against a linear rapidfuzz scan, and memory.
+
+    .venv/bin/python experiments/bench_cache.py [--entries 1000000] [--tools 1000] [--zipf 1.0]
+
+Builds a cache of `--entries` synthetic calls over `--tools` tools whose call counts follow a Zipf
+law (with s=1 and 1,000 tools the top tool holds ~13% of all entries), with 1-4 arguments per
+tool (free text, ids, names, enums, dates, integers, decimals; some tools with an optional
+argument) and JSON results of 100-300 characters. Phase 1 generates the calls and stores them
+with one `record_many` (executemany in one transaction). Phase 2 runs in a fresh process so its
+memory is the cache's alone: it opens the file (index built from the database), builds the
+fuzzy indexes, then times lookups of four query sets drawn like the entries (so Zipf-weighted):
+
+- rewritten: stored arguments with keys shuffled, integers written as floats, extra whitespace
+  (all exact hits);
+- perturbed: one argument changed a little (a one-character edit, or a number moved by 1-5%);
+- fresh: a known tool with freshly drawn arguments (best-effort, or fuzzy when the tool already
+  holds a similar call, as large tools often do);
+- unseen: tools that were never recorded.
+
+Latency is reported per query set and per tier answered (`tier best_effort` counts nearest-entry
+answers, `tier unseen_tool` the "no recorded result" ones), as wall time and as this thread's CPU
+time: on a shared machine the wall p99 is mostly time spent waiting for a core.
+
+The baseline is how a plain JSON-file cache answers a fuzzy call: rapidfuzz `ratio` of the call's
+canonical arguments JSON against every entry of the tool, as one `process.extractOne` (C++ loop,
+the fast way) and as a Python loop over `fuzz.ratio` (the usual way). The speedup is the mean scan
+time over the mean lookup time on the same perturbed queries. We also check how often the index's
+answer has the exhaustive best score. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import string
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from cacherl_jax.agent import tool_cache
+from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, ToolRecord
+
+ARGUMENT_KINDS = ("text", "id", "entity", "enum", "date", "int", "float")
+HIGH_CARDINALITY = ("text", "id", "float")  # every tool leads with one, so big tools stay unique
+
+
+def _vocabulary(rng: random.Random, count: int, syllables: int) -> list[str]:
+    parts = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]
+    words = {"".join(rng.choices(parts, k=rng.randint(1, syllables))) for _ in range(count * 2)}
+    return sorted(words)[:count]
+
+
+class _Generator:
+    """Tool schemas and argument values; deterministic for a seed."""
+
+    def __init__(self, tools: int, seed: int):
+        self.rng = random.Random(seed)
+        self.words = _vocabulary(self.rng, 5000, 4)
+        self.entities = [w.capitalize() + " " + v.capitalize() for w, v in zip(
+            self.rng.sample(self.words, 2000), self.rng.sample(self.words, 2000), strict=True
+        )]  # fmt: skip
+        self.tools = [self._schema(index) for index in range(tools)]
+
+    def _schema(self, index: int) -> dict:
+        rng = self.rng
+        count = rng.choices([1, 2, 3, 4], weights=[2, 4, 3, 2])[0]
+        kinds = [rng.choice(HIGH_CARDINALITY), *rng.choices(ARGUMENT_KINDS, k=count - 1)]
+        names = rng.sample(
+            ["query", "name", "id", "city", "user", "amount", "date", "limit", "unit", "status",
+             "path", "item", "count", "price", "title", "label", "target", "mode"], count,
+        )  # fmt: skip
+        enums = {name: rng.sample(self.words, rng.randint(3, 8)) for name in names}
+        optional = names[-1] if count >= 2 and rng.random() < 0.25 else None
+        verb, noun = rng.choice(["get", "find", "list", "create", "update"]), rng.choice(self.words)
+        return {"name": f"{verb}_{noun}_{index}", "args": list(zip(names, kinds, strict=True)),
+                "enums": enums, "optional": optional}  # fmt: skip
+
+    def value(self, name: str, kind: str, enums: dict) -> object:
+        rng = self.rng
+        if kind == "text":
+            return " ".join(rng.choices(self.words, k=rng.randint(2, 6)))
+        if kind == "id":
+            return f"{name[:3].upper()}-{rng.randint(0, 999_999):06d}"
+        if kind == "entity":
+            return rng.choice(self.entities)
+        if kind == "enum":
+            return rng.choice(enums[name])
+        if kind == "date":
+            return f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        if kind == "int":
+            return rng.randint(0, 10_000)
+        return round(rng.uniform(0, 10_000), 2)
+
+    def arguments(self, tool: dict) -> dict:
+        arguments = {}
+        for name, kind in tool["args"]:
+            if name == tool["optional"] and self.rng.random() < 0.4:
+                continue
+            arguments[name] = self.value(name, kind, tool["enums"])
+        return arguments
+
+    def result(self, tool: dict, arguments: dict) -> str:
+        rng = self.rng
+        items = [rng.choice(self.words) for _ in range(rng.randint(1, 8))]
+        data = {"status": "ok", "tool": tool["name"], "request": arguments, "items": items,
+                "score": round(rng.random(), 4), "note": " ".join(rng.choices(self.words, k=6))}  # fmt: skip
+        return json.dumps(data)
+
+    def perturb(self, tool: dict, arguments: dict) -> dict | None:
+        """One argument changed a little: a one-character edit or a number moved 1-5%."""
+        rng = self.rng
+        kinds = dict(tool["args"])
+        names = [n for n in arguments if kinds[n] in ("text", "id", "entity", "int", "float")]
+        if not names:
+            return None
+        name = rng.choice(names)
+        value = arguments[name]
+        out = dict(arguments)
+        if isinstance(value, str):
+            position = rng.randrange(len(value))
+            edit = rng.choice(["substitute", "insert", "delete"])
+            letter = rng.choice(string.ascii_lowercase)
+            if edit == "substitute":
+                value = value[:position] + letter + value[position + 1 :]
+            elif edit == "insert":
+                value = value[:position] + letter + value[position:]
+            else:
+                value = value[:position] + value[position + 1 :]
+        else:
+            value = round(value * (1 + rng.choice([-1, 1]) * rng.uniform(0.01, 0.05)), 2)
+            value = value if value != arguments[name] else value + 1
+        out[name] = value
+        return out
+
+
+def _reformatted(rng: random.Random, arguments: dict) -> dict:
+    """Canonically the same call written differently: key order, 1 -> 1.0, spaces."""
+    items = list(arguments.items())
+    rng.shuffle(items)
+    out = {}
+    for name, value in items:
+        if isinstance(value, int):
+            value = float(value)
+        elif isinstance(value, str):
+            value = "  " + value.replace(" ", "   ") + " "
+        out[name] = value
+    return out
+
+
+def build(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
+    generator = _Generator(args.tools, args.seed)
+    rng = np.random.default_rng(args.seed)
+    weights = 1.0 / np.arange(1, args.tools + 1) ** args.zipf
+    counts = rng.multinomial(args.entries, weights / weights.sum())
+
+    start = time.perf_counter()
+    records = []
+    for tool, count in zip(generator.tools, counts.tolist(), strict=True):
+        for _ in range(count):
+            arguments = generator.arguments(tool)
+            records.append(ToolRecord(tool["name"], arguments, generator.result(tool, arguments)))
+    generate_s = time.perf_counter() - start
+
+    # Queries drawn like the entries: each samples one stored call.
+    picks = generator.rng.sample(range(len(records)), min(len(records), 3 * args.queries))
+    by_name = {tool["name"]: tool for tool in generator.tools}
+    queries: dict[str, list] = {"rewritten": [], "perturbed": [], "fresh": [], "unseen": []}
+    for index in picks:
+        record = records[index]
+        tool = by_name[record.tool]
+        if len(queries["rewritten"]) < args.queries:
+            queries["rewritten"].append(
+                [record.tool, _reformatted(generator.rng, record.arguments)]
+            )
+        perturbed = generator.perturb(tool, record.arguments)
+        if perturbed is not None and len(queries["perturbed"]) < args.queries:
+            queries["perturbed"].append([record.tool, perturbed, record.arguments])
+        if len(queries["fresh"]) < args.queries:
+            queries["fresh"].append([record.tool, generator.arguments(tool)])
+    for index in range(args.queries):
+        queries["unseen"].append([f"never_recorded_{index}", {"query": "anything"}])
+    with open(queries_path, "w") as file:
+        json.dump(queries, file)
+
+    start = time.perf_counter()
+    with ToolCache(ToolCacheConfig(db_path)) as cache:
+        report = cache.record_many(records)
+    insert_s = time.perf_counter() - start
+    return {
+        "generate_s": generate_s,
+        "insert_s": insert_s,
+        "records": report.records,
+        "entries": report.recorded,
+        "top_tool_entries": int(counts.max()),
+        "db_mb": os.path.getsize(db_path) / 2**20,
+    }
+
+
+def _rss_gb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in GiB."""
+    fields = {}
+    with open("/proc/self/status") as file:
+        for line in file:
+            name, _, value = line.partition(":")
+            fields[name] = value
+    return int(fields["VmRSS"].split()[0]) / 2**20, int(fields["VmHWM"].split()[0]) / 2**20
+
+
+def _timed(cache: ToolCache, queries: list) -> tuple[np.ndarray, np.ndarray, list]:
+    """Wall and CPU (this thread) seconds per lookup, and the hits. The CPU time leaves out the
+    time this process waited for a core, which on a shared machine dominates the wall p99."""
+    seconds, cpu_seconds, hits = [], [], []
+    for query in queries:
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        hit = cache.lookup(query[0], query[1])
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.thread_time() - cpu_start)
+        hits.append(hit)
+    return np.array(seconds), np.array(cpu_seconds), hits
+
+
+def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
+    """Phase 2, in a fresh process: load, index, time the query sets and the scan."""
+    from rapidfuzz import fuzz, process
+
+    with open(queries_path) as file:
+        queries = json.load(file)
+    start = time.perf_counter()
+    cache = ToolCache(ToolCacheConfig(db_path), create=False)
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cache.build_indexes()
+    index_s = time.perf_counter() - start
+    rss_gb, peak_gb = _rss_gb()
+
+    for name in ("rewritten", "perturbed"):  # warm-up: allocator, CPU caches
+        _timed(cache, queries[name][:50])
+    by_set, by_tier = {}, {tier: ([], []) for tier in (*tool_cache.TIERS, "unseen_tool")}
+    for name, query_set in queries.items():
+        seconds, cpu_seconds, hits = _timed(cache, query_set)
+        tiers = [hit.tier if hit.entry is not None else "unseen_tool" for hit in hits]
+        by_set[name] = {
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "hits": hits,
+            "tiers": tiers,
+        }
+        for tier, wall, cpu in zip(tiers, seconds, cpu_seconds, strict=True):
+            by_tier[tier][0].append(wall)
+            by_tier[tier][1].append(cpu)
+
+    perturbed = queries["perturbed"]
+    hits = by_set["perturbed"]["hits"]
+    source_found = statistics.mean(
+        hit.entry is not None and hit.entry.arguments == tool_cache.canonical_value(query[2])
+        for hit, query in zip(hits, perturbed, strict=True)
+    )
+    # How often the index finds the true nearest entry: the same queries scored exhaustively.
+    saved = tool_cache.FULL_SCORE_MAX_ENTRIES
+    tool_cache.FULL_SCORE_MAX_ENTRIES = 1 << 62
+    exhaustive = [cache.lookup(q[0], q[1]).score for q in perturbed[: args.exhaustive_queries]]
+    tool_cache.FULL_SCORE_MAX_ENTRIES = saved
+    best_found = statistics.mean(
+        abs(hit.score - best) < 1e-9 for hit, best in zip(hits, exhaustive, strict=False)
+    )
+
+    # The plain JSON-file cache: every entry's canonical arguments JSON, grouped by tool.
+    by_tool: dict[str, list[str]] = {}
+    for tool, key in zip(cache._tools, cache._keys, strict=True):
+        by_tool.setdefault(tool, []).append(key)
+    scan, scan_cpu, loop = [], [], []
+    for index, (tool, arguments, _) in enumerate(perturbed[: args.scan_queries]):
+        query_key = tool_cache.canonical_key(arguments)
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        process.extractOne(query_key, by_tool[tool], scorer=fuzz.ratio)
+        scan.append(time.perf_counter() - start)
+        scan_cpu.append(time.thread_time() - cpu_start)
+        if index < args.loop_queries:
+            start = time.perf_counter()
+            max(fuzz.ratio(query_key, key) for key in by_tool[tool])
+            loop.append(time.perf_counter() - start)
+    ours = by_set["perturbed"]["seconds"]
+    ours_cpu = by_set["perturbed"]["cpu_seconds"]
+    top_tool = max(by_tool, key=lambda tool: len(by_tool[tool]))
+    on_top = [i for i, query in enumerate(perturbed[: len(scan)]) if query[0] == top_tool]
+
+    return {
+        "load_s": load_s,
+        "index_s": index_s,
+        "rss_gb": rss_gb,
+        "peak_rss_gb": peak_gb,
+        "sets": {
+            name: {
+                "seconds": result["seconds"].tolist(),
+                "cpu_seconds": result["cpu_seconds"].tolist(),
+                "tiers": {tier: result["tiers"].count(tier) for tier in by_tier},
+            }
+            for name, result in by_set.items()
+        },
+        "tiers": {
+            tier: {"seconds": wall, "cpu_seconds": cpu} for tier, (wall, cpu) in by_tier.items()
+        },
+        "fuzzy_source_found": source_found,
+        "fuzzy_best_found": best_found,
+        "scan_mean_ms": 1e3 * float(np.mean(scan)),
+        "scan_p99_ms": 1e3 * float(np.percentile(scan, 99)),
+        "loop_scan_mean_ms": 1e3 * float(np.mean(loop)),
+        "speedup_vs_scan": float(np.mean(scan) / np.mean(ours[: len(scan)])),
+        "cpu_speedup_vs_scan": float(np.mean(scan_cpu) / np.mean(ours_cpu[: len(scan)])),
+        "speedup_vs_loop_scan": float(np.mean(loop) / np.mean(ours[: len(loop)])),
+        "top_tool_queries": len(on_top),
+        "top_tool_speedup": float(
+            np.mean([scan[i] for i in on_top]) / np.mean([ours[i] for i in on_top])
+        )
+        if on_top
+        else float("nan"),
+    }
+
+
+def _measure_child(args, db_path, queries_path, queue) -> None:
+    queue.put(measure(args, db_path, queries_path))
+
+
+def _percentile_us(seconds: list[float], q: float) -> float:
+    return 1e6 * float(np.percentile(seconds, q)) if seconds else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--tools", type=int, default=1000)
+    parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of calls per tool")
+    parser.add_argument("--queries", type=int, default=2000, help="queries per set")
+    parser.add_argument("--scan-queries", type=int, default=300, help="perturbed queries scanned")
+    parser.add_argument("--loop-queries", type=int, default=30, help="of those, Python loop scans")
+    parser.add_argument("--exhaustive-queries", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", help="where the database goes (default: a temporary dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        db_path = os.path.join(workdir, "cache.db")
+        queries_path = os.path.join(workdir, "queries.json")
+        built = build(args, db_path, queries_path)
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        child = context.Process(target=_measure_child, args=(args, db_path, queries_path, queue))
+        child.start()
+        measured = queue.get()
+        child.join()
+
+    print(
+        f"{built['entries']:,} entries over {args.tools} tools (Zipf s={args.zipf}, top tool "
+        f"{built['top_tool_entries']:,}); generate {built['generate_s']:.1f} s, insert "
+        f"{built['insert_s']:.1f} s, open (exact index) {measured['load_s']:.1f} s, fuzzy "
+        f"indexes {measured['index_s']:.1f} s; database {built['db_mb']:.0f} MB; RSS "
+        f"{measured['rss_gb']:.2f} GiB"
+    )
+    header = (
+        f"{'':<22} {'n':>5} {'p50 us':>8} {'p99 us':>8} {'cpu p50':>8} {'cpu p99':>8} {'per s':>8}"
+    )
+    print(header + "   answered as")
+    rows = [(f"set {name}", result) for name, result in measured["sets"].items()]
+    rows += [(f"tier {tier}", result) for tier, result in measured["tiers"].items()]
+    for label, result in rows:
+        wall, cpu = result["seconds"], result["cpu_seconds"]
+        answered = ", ".join(f"{t} {n}" for t, n in result.get("tiers", {}).items() if n)
+        print(
+            f"{label:<22} {len(wall):>5} {_percentile_us(wall, 50):>8.1f} "
+            f"{_percentile_us(wall, 99):>8.1f} {_percentile_us(cpu, 50):>8.1f} "
+            f"{_percentile_us(cpu, 99):>8.1f} {len(wall) / max(sum(wall), 1e-12):>8,.0f}   {answered}"
+        )
+    print(
+        f"{'scan (rapidfuzz C++)':<22} {args.scan_queries:>5} {1e3 * measured['scan_mean_ms']:>8.0f} "
+        f"{1e3 * measured['scan_p99_ms']:>8.0f} {'':>8} {'':>8} {1e3 / measured['scan_mean_ms']:>8,.0f}"
+        "   (mean, not p50)"
+    )
+    print(
+        f"perturbed calls: {measured['speedup_vs_scan']:.1f}x faster than the C++ scan (CPU time "
+        f"{measured['cpu_speedup_vs_scan']:.1f}x; {measured['top_tool_speedup']:.1f}x on the top "
+        f"tool's {measured['top_tool_queries']} queries), {measured['speedup_vs_loop_scan']:.1f}x "
+        f"than a Python-loop scan; answer = the perturbed call's source "
+        f"{100 * measured['fuzzy_source_found']:.1f}%, = the exhaustive best score "
+        f"{100 * measured['fuzzy_best_found']:.1f}%"
+    )
+    tiers = measured["tiers"]
+    summary = {
+        "entries": built["entries"],
+        "tools": args.tools,
+        "zipf": args.zipf,
+        "top_tool_entries": built["top_tool_entries"],
+        "exact_p50_us": _percentile_us(tiers["exact"]["seconds"], 50),
+        "exact_p99_us": _percentile_us(tiers["exact"]["seconds"], 99),
+        "exact_cpu_p99_us": _percentile_us(tiers["exact"]["cpu_seconds"], 99),
+        "fuzzy_p50_ms": _percentile_us(tiers["fuzzy"]["seconds"], 50) / 1e3,
+        "fuzzy_p99_ms": _percentile_us(tiers["fuzzy"]["seconds"], 99) / 1e3,
+        "fuzzy_cpu_p99_ms": _percentile_us(tiers["fuzzy"]["cpu_seconds"], 99) / 1e3,
+        "best_effort_p50_ms": _percentile_us(tiers["best_effort"]["seconds"], 50) / 1e3,
+        "best_effort_p99_ms": _percentile_us(tiers["best_effort"]["seconds"], 99) / 1e3,
+        "unseen_tool_p99_us": _percentile_us(tiers["unseen_tool"]["seconds"], 99),
+        "perturbed_lookups_per_s": len(measured["sets"]["perturbed"]["seconds"])
+        / sum(measured["sets"]["perturbed"]["seconds"]),
+        "scan_mean_ms": measured["scan_mean_ms"],
+        "speedup_vs_scan": measured["speedup_vs_scan"],
+        "cpu_speedup_vs_scan": measured["cpu_speedup_vs_scan"],
+        "speedup_vs_loop_scan": measured["speedup_vs_loop_scan"],
+        "top_tool_speedup_vs_scan": measured["top_tool_speedup"],
+        "fuzzy_best_found": measured["fuzzy_best_found"],
+        "rss_gb": measured["rss_gb"],
+        "insert_s": built["insert_s"],
+        "load_s": measured["load_s"],
+        "index_s": measured["index_s"],
+    }
+    print(
+        json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in summary.items()})
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
