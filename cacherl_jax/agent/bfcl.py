@@ -153,7 +153,7 @@ def parse_call(text: str, where: str = "call") -> tuple[str, list[Any], dict[str
 # --- loading entries ------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_entries(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise BfclError(f"{path}: no such file (is bfcl-eval installed?)")
     entries = []
@@ -175,10 +175,10 @@ def load_entries(category: str = "multi_turn_base") -> list[dict[str, Any]]:
             f"unknown BFCL multi-turn category {category!r} (one of {', '.join(CATEGORIES)})"
         )
     file_name = f"BFCL_v4_{category}.json"
-    entries = _read_jsonl(data_dir() / file_name)
+    entries = read_entries(data_dir() / file_name)
     answers_path = data_dir() / "possible_answer" / file_name
     answers = {}
-    for answer in _read_jsonl(answers_path):
+    for answer in read_entries(answers_path):
         if "id" not in answer or "ground_truth" not in answer:
             raise BfclError(f"{answers_path}: entry {answer.get('id')!r} lacks id or ground_truth")
         answers[answer["id"]] = answer["ground_truth"]
@@ -200,7 +200,7 @@ def _tool_class(class_name: str) -> type:
     return getattr(module, class_name)
 
 
-def _openai_properties(properties: dict[str, Any]) -> dict[str, Any]:
+def openai_properties(properties: dict[str, Any]) -> dict[str, Any]:
     """BFCL's conversion of parameter types to OpenAPI (its `_cast_to_openai_type`)."""
     converted = {}
     for name, spec in properties.items():
@@ -211,12 +211,12 @@ def _openai_properties(properties: dict[str, Any]) -> dict[str, Any]:
             spec["description"] = spec.get("description", "") + " This is a float type value."
         spec["type"] = _OPENAPI_TYPES.get(gorilla_type, "string")
         if "properties" in spec:
-            spec["properties"] = _openai_properties(spec["properties"])
+            spec["properties"] = openai_properties(spec["properties"])
         elif "items" in spec:
             items = dict(spec["items"])
             items["type"] = _OPENAPI_TYPES.get(items.get("type"), "string")
             if "properties" in items:
-                items["properties"] = _openai_properties(items["properties"])
+                items["properties"] = openai_properties(items["properties"])
             spec["items"] = items
         converted[name] = spec
     return converted
@@ -229,12 +229,12 @@ def _class_tools(class_name: str) -> tuple[dict[str, Any], ...]:
     _tool_class(class_name)  # validates the name
     path = data_dir() / "multi_turn_func_doc" / config.MULTI_TURN_FUNC_DOC_FILE_MAPPING[class_name]
     tools = []
-    for index, doc in enumerate(_read_jsonl(path)):
+    for index, doc in enumerate(read_entries(path)):
         if "name" not in doc or not isinstance(doc.get("parameters"), dict):
             raise BfclError(f"{path}: function {index} lacks a name or parameters")
         function = copy.deepcopy(doc)
         function["parameters"]["type"] = "object"
-        function["parameters"]["properties"] = _openai_properties(
+        function["parameters"]["properties"] = openai_properties(
             doc["parameters"].get("properties", {})
         )
         tools.append({"type": "function", "function": function})
