@@ -583,3 +583,34 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
 def test_cache_hit_is_a_plain_tuple():
     hit = CacheHit("r", "fuzzy", 90.0, None)
     assert tuple(hit) == ("r", "fuzzy", 90.0, None)
+
+
+def test_bfcl_ground_truth_replays_as_exact_byte_identical_hits(tmp_path):
+    """A cache built from live executions of BFCL multi-turn ground truth answers a replay of that
+    ground truth with 100% exact hits and byte-identical results (one scope per task: results
+    depend on each task's state)."""
+    from cacherl_jax.agent import bfcl
+
+    tasks = bfcl.load_tasks("multi_turn_base", limit=60, with_expected_state=False)
+    cache = ToolCache(ToolCacheConfig(tmp_path / "bfcl.sqlite", scope_mode="scoped"))
+    # Record the first execution of each (tool, arguments) only, as a cache built from live
+    # runs would: a repeated call in a task with changed state keeps its first result, so the
+    # replay below compares against a fresh execution, call by call in order.
+    live = {task.id: bfcl.execute_ground_truth(task) for task in tasks}
+    cache.record_many(
+        ToolRecord(call.name, call.arguments, call.result.text, task_id)
+        for task_id, calls in live.items()
+        for call in calls
+    )
+    replay = {task.id: bfcl.execute_ground_truth(task) for task in tasks}
+    hits = 0
+    for task_id, calls in replay.items():
+        first_results = {}
+        for call in calls:
+            first_results.setdefault(tc.canonical_key(call.arguments) + call.name, call.result.text)
+            hit = cache.lookup(call.name, call.arguments, scope=task_id)
+            assert hit.tier == "exact", (task_id, call.name)
+            assert hit.result == first_results[tc.canonical_key(call.arguments) + call.name]
+            hits += 1
+    assert hits == sum(len(c) for c in live.values()) > 300
+    assert cache.stats()["exact"] == hits
