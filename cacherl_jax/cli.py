@@ -12,9 +12,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cacherl_jax.agent.bfcl import BfclError
 from cacherl_jax.agent.tool_cache import ToolCacheError
 from cacherl_jax.chat.tokenizer import TokenizerError
 from cacherl_jax.data.trajectory import TrajectoryError
+from cacherl_jax.eval.run import EvalError
 from cacherl_jax.model.config import CheckpointError
 from cacherl_jax.parallel import ShardingError
 from cacherl_jax.train.errors import TrainingError
@@ -46,15 +48,29 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from cacherl_jax import pipeline_demo
+
+    pipeline_demo.run(
+        args.workdir,
+        train_tasks=args.train_tasks,
+        val_tasks=args.val_tasks,
+        sft_steps=args.sft_steps,
+        grpo_steps=args.grpo_steps,
+        seed=args.seed,
+        teacher=args.teacher,
+    )
+
+
+def _check_model(args: argparse.Namespace) -> None:
     import jax
 
-    from cacherl_jax import demo, parallel
+    from cacherl_jax import model_check, parallel
 
     # Simulated CPU devices must be requested before JAX creates its CPU backend; on a GPU or TPU
     # host the option only affects the (unused) CPU backend.
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    demo.run(
+    model_check.run(
         workdir=args.workdir, seq_len=args.seq_len, mesh_axes=parallel.parse_mesh_axes(args.mesh)
     )
 
@@ -152,16 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--no-color", action="store_true")
     show.set_defaults(run=_chat_show)
 
-    demo = commands.add_parser(
-        "demo", help="the whole pipeline in miniature on CPU (what `make demo` runs)"
+    check = commands.add_parser(
+        "check-model",
+        help="a random HF Qwen3 through every model path, checked against transformers",
     )
-    demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--seq-len", type=int, default=512)
-    demo.add_argument(
+    check.add_argument("--workdir", default="runs/check-model")
+    check.add_argument("--seq-len", type=int, default=512)
+    check.add_argument(
         "--mesh", default="data=1,fsdp=2,tensor=2", help="mesh axes, e.g. data=2,fsdp=-1"
     )
-    demo.add_argument(
+    check.add_argument(
         "--cpu-devices", type=int, default=4, help="simulated CPU devices (CPU backend only)"
+    )
+    check.set_defaults(run=_check_model)
+
+    demo = commands.add_parser(
+        "demo", help="the CacheRL pipeline in miniature on CPU (what `make demo` runs)"
+    )
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--train-tasks", type=int, default=3000)
+    demo.add_argument("--val-tasks", type=int, default=48)
+    demo.add_argument("--sft-steps", type=int, default=400)
+    demo.add_argument("--grpo-steps", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--teacher", default="template", help="configs/augment.py variant: template|endpoint|local"
     )
     demo.set_defaults(run=_demo)
 
@@ -181,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cacherl_jax.agent.cache_cli import register_cli as register_cache_cli
 
     register_cache_cli(commands)
+    from cacherl_jax.eval.run import register_cli as register_eval_cli
+
+    register_eval_cli(commands)
     return parser
 
 
@@ -263,7 +297,14 @@ def _plan(argv: Sequence[str]) -> None:
     print(json.dumps(result | {"model": result["model"]["hidden_size"]}))
 
 
+def _augment(argv: Sequence[str]) -> None:
+    from cacherl_jax.data.thinking import augment_main
+
+    augment_main(argv)  # prints its own errors and exits 2 (130 after Ctrl-C)
+
+
 CONFIG_COMMANDS = {
+    "augment": _augment,
     "sft": lambda argv: _train_command("sft", argv),
     "grpo": lambda argv: _train_command("grpo", argv),
     "plan": _plan,
@@ -287,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrajectoryError,
         TrainingError,
         ToolCacheError,
+        EvalError,
+        BfclError,
     ) as err:
         print(f"cacherl {command}: error: {err}", file=sys.stderr)
         return 2

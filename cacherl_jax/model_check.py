@@ -1,9 +1,8 @@
-"""`cacherl demo`: the smallest end-to-end thing the project does today.
+"""`cacherl check-model`: every path of the model layer, checked against transformers.
 
 A random Hugging Face Qwen3 goes through every path the model layer offers (safetensors ->
 sharded JAX params -> orbax -> JAX forward -> safetensors -> transformers), and each step's
-logits are compared with the transformers float32 reference. Later stages of the pipeline (SFT,
-the tool cache, GRPO) will grow this command into the paper in miniature.
+logits are compared with the transformers float32 reference. (`cacherl demo` is the pipeline.)
 """
 
 from __future__ import annotations

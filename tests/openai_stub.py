@@ -1,7 +1,9 @@
 """A scripted OpenAI-compatible endpoint on 127.0.0.1, for testing our HTTP clients for real.
 
 `reply(request_json) -> str | None` decides each chat completion's content; it may sleep (to
-trigger client timeouts) or return None to answer HTTP 500. Every request body is recorded.
+trigger client timeouts), return None to answer HTTP 500, or return bytes to send them as a
+200 body verbatim (malformed responses). `usage` sets the token counts every reply reports.
+Every request body is recorded.
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class OpenAIStub:
-    def __init__(self, reply: Callable[[dict], str | None]):
+    def __init__(
+        self,
+        reply: Callable[[dict], str | bytes | None],
+        *,
+        usage: tuple[int, int] = (1, 1),
+    ):
         self.reply = reply
+        prompt_tokens, completion_tokens = usage
         self.requests: list[dict] = []
         stub = self
 
@@ -28,6 +36,9 @@ class OpenAIStub:
                 content = stub.reply(body)
                 if content is None:
                     self._send(500, {"error": {"message": "scripted failure", "type": "server"}})
+                    return
+                if isinstance(content, bytes):
+                    self._send_raw(200, content)
                     return
                 self._send(
                     200,
@@ -43,12 +54,18 @@ class OpenAIStub:
                                 "finish_reason": "stop",
                             }
                         ],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens,
+                        },
                     },
                 )
 
             def _send(self, status: int, payload: dict):
-                data = json.dumps(payload).encode()
+                self._send_raw(status, json.dumps(payload).encode())
+
+            def _send_raw(self, status: int, data: bytes):
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

@@ -1,4 +1,4 @@
-"""`cacherl convert` in both directions, its error messages, and `cacherl demo`."""
+"""`cacherl convert` in both directions, its error messages, and `cacherl check-model`."""
 
 import json
 import subprocess
@@ -77,12 +77,12 @@ def test_console_script_is_installed():
     assert "convert" in result.stdout and "demo" in result.stdout
 
 
-def test_demo_runs_every_check(tmp_path, capsys):
-    workdir = tmp_path / "demo"
+def test_check_model_runs_every_check(tmp_path, capsys):
+    workdir = tmp_path / "check"
     assert (
         cli.main(
             [
-                "demo",
+                "check-model",
                 "--workdir",
                 str(workdir),
                 "--seq-len",

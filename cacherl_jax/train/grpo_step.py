@@ -138,7 +138,7 @@ def make_grpo_step(
         loss_sum, _, metrics = grpo_loss(
             logp_BxT,
             batch["old_logp_BxT"],
-            batch["ref_logp_BxT"],
+            batch["ref_logp_BxT"] if config.beta else None,
             batch["adv_B"],
             batch["loss_mask_BxT"],
             eps_low=config.eps_low,

@@ -1,0 +1,168 @@
+"""Sampling throughput of our KV-cache sampler against transformers' `generate`, same weights.
+
+    .venv/bin/python experiments/bench_sampler.py [--model bench_29m] [--batches 8 32]
+
+Both sides run float32 on the same machine in the same process, one after the other: 64-token
+random prompts, exactly 128 new tokens per row (stopping disabled), temperature-1 sampling without
+top-k/top-p (`--greedy` for argmax), transformers with its KV cache and torch limited to
+`--torch-threads` threads. Tokens/s count generated tokens over the whole call (prefill
+included). The roofline is the memory-bandwidth limit of decoding: every step reads all weights
+once plus the keys and values of the context so far (the average context is prompt + half the new
+tokens), at a bandwidth measured here with a large array copy.
+
+Prints a table, then one JSON line: `ratio` (ours / transformers tokens/s at the first batch
+size), `ratio_b32`, `roofline_fraction` (ours / bandwidth limit at the first batch size), ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from cacherl_jax import reference
+from cacherl_jax.model import count_params, load_hf_checkpoint, presets
+from cacherl_jax.sampling import Sampler, SamplingParams
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation for JAX, allocator for torch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a large array copy (each byte read once and written once)."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    seconds = min(
+        _timed(lambda: np.copyto(dst, src)) for _ in range(repeats)
+    )  # best case: the machine's capacity, not the noise of neighbours
+    return 2 * src.nbytes / seconds
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bytes_per_step(config, n_params: int, batch: int, context: float) -> float:
+    """Weights (float32, the tied embedding read once as the output projection) plus the keys and
+    values of `context` cached tokens per row."""
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    return 4 * n_params + batch * context * kv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bench_29m", choices=sorted(presets.PRESETS))
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    config = presets.preset(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = reference.random_hf_model(config)
+        hf_model.save_pretrained(tmp)
+        _, params = load_hf_checkpoint(tmp)
+    n_params = count_params(params)
+    sampler = Sampler(params, config)
+    bandwidth = measure_bandwidth()
+    rng = np.random.default_rng(0)
+    new = args.new_tokens
+    context = args.prompt_len + (new - 1) / 2
+
+    rows = []
+    for batch in args.batches:
+        prompts_BxT = rng.integers(0, config.vocab_size, (batch, args.prompt_len))
+        sampling = [
+            SamplingParams(temperature=0.0 if args.greedy else 1.0, max_new_tokens=new, seed=row)
+            for row in range(batch)
+        ]
+
+        def ours(prompts_BxT=prompts_BxT, sampling=sampling):
+            generations = sampler.generate(prompts_BxT.tolist(), sampling)
+            assert all(len(g) == new for g in generations)
+
+        def transformers_generate(prompts_BxT=prompts_BxT, batch=batch):
+            with torch.no_grad():
+                out = hf_model.generate(
+                    torch.as_tensor(prompts_BxT),
+                    attention_mask=torch.ones(prompts_BxT.shape, dtype=torch.long),
+                    do_sample=not args.greedy,
+                    top_k=0,
+                    top_p=1.0,
+                    temperature=1.0,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+            assert out.shape == (batch, args.prompt_len + new)
+
+        ours_rate = batch * new / _median_seconds(ours, args.repeats)
+        hf_rate = (
+            float("nan")
+            if args.skip_transformers
+            else batch * new / _median_seconds(transformers_generate, args.repeats)
+        )
+        limit = batch * bandwidth / bytes_per_step(config, n_params, batch, context)
+        rows.append((batch, ours_rate, hf_rate, limit))
+
+    mode = "greedy" if args.greedy else "sampling at temperature 1"
+    print(
+        f"Qwen3 {args.model}: {n_params / 1e6:.1f}M params, float32, prompts {args.prompt_len} "
+        f"tokens, {new} new tokens per row, {mode}; {os.cpu_count()} CPU cores, torch threads "
+        f"{args.torch_threads}, copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"jax {jax.__version__} / torch {torch.__version__}"
+    )
+    print(
+        f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6} "
+        f"{'roofline tok/s':>15} {'of roofline':>12}"
+    )
+    for batch, ours_rate, hf_rate, limit in rows:
+        print(
+            f"{batch:>5} {ours_rate:>11.0f} {hf_rate:>19.0f} {ours_rate / hf_rate:>6.2f} "
+            f"{limit:>15.0f} {ours_rate / limit:>12.2f}"
+        )
+    result = {
+        "model": args.model,
+        "prompt_len": args.prompt_len,
+        "new_tokens": new,
+        "greedy": args.greedy,
+        "bandwidth_gb_per_s": round(bandwidth / 1e9, 2),
+    }
+    for i, (batch, ours_rate, hf_rate, limit) in enumerate(rows):
+        suffix = "" if i == 0 else f"_b{batch}"
+        result |= {
+            f"batch{suffix}": batch,
+            f"tokens_per_s{suffix}": round(ours_rate, 1),
+            f"tokens_per_s_transformers{suffix}": round(hf_rate, 1),
+            f"ratio{suffix}": round(ours_rate / hf_rate, 3),
+            f"roofline_tokens_per_s{suffix}": round(limit, 1),
+            f"roofline_fraction{suffix}": round(ours_rate / limit, 3),
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
