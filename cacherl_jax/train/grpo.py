@@ -50,7 +50,8 @@ from cacherl_jax.train.grpo_step import (
     target_logprobs,
 )
 from cacherl_jax.train.metrics import MetricsWriter
-from cacherl_jax.train.optimizer import init_optimizer_state, make_optimizer
+from cacherl_jax.train.optimizer import make_optimizer
+from cacherl_jax.train.step import batch_shards, init_train_state
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +199,7 @@ def train(
         return trainable if lora is None else lora_lib.merge_lora(base, trainable, lora)
 
     tx, schedule = make_optimizer(config.train)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        "trainable": trainable,
-        "opt_state": init_optimizer_state(tx, trainable, mesh),
-    }
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, state_shardings = init_train_state(tx, trainable, mesh)
     checkpoints = checkpoint_lib.Checkpoints(
         workdir / "checkpoints",
         fingerprint(config),
@@ -245,6 +240,7 @@ def train(
         functools.partial(target_logprobs, model=model, chunk_size=config.grpo.loss_chunk_size)
     )
     merge = jax.jit(full_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     to_sampling_layout = jax.jit(
         functools.partial(kv_cache.sampling_weights, config=model), out_shardings=replicated
     )
@@ -270,10 +266,10 @@ def train(
     G = config.loop.group_size
     rows = min(config.grpo.tasks_per_step, len(train_tasks)) * G
     minibatches = config.grpo.minibatches
-    if rows % (minibatches * config.train.grad_accum * _batch_shards(mesh)):
+    if rows % (minibatches * config.train.grad_accum * batch_shards(mesh)):
         raise TrainingError(
             f"tasks_per_step x group_size = {rows} rollouts must split into {minibatches} "
-            f"minibatches x grad_accum {config.train.grad_accum} over {_batch_shards(mesh)} batch shards"
+            f"minibatches x grad_accum {config.train.grad_accum} over {batch_shards(mesh)} batch shards"
         )
 
     summary: dict[str, Any] = {"resumed_from": start_step}
@@ -391,7 +387,3 @@ def _batch(
         seq_len=config.loop.max_len,
         pad_id=tokenizer.pad_id,
     )
-
-
-def _batch_shards(mesh: jax.sharding.Mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))

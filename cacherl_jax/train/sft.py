@@ -43,8 +43,8 @@ from cacherl_jax.train import checkpoint as checkpoint_lib
 from cacherl_jax.train.errors import TrainingError
 from cacherl_jax.train.loss import chunked_cross_entropy, sft_weights
 from cacherl_jax.train.metrics import MetricsWriter
-from cacherl_jax.train.optimizer import init_optimizer_state, make_optimizer
-from cacherl_jax.train.step import make_update_step
+from cacherl_jax.train.optimizer import make_optimizer
+from cacherl_jax.train.step import batch_shards, init_train_state, make_update_step
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +221,10 @@ def train(
     workdir = Path(workdir).absolute()
     parallel.initialize_distributed(config.distributed)
     mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
-    if config.data.batch_size % (config.train.grad_accum * _batch_shards(mesh)):
+    if config.data.batch_size % (config.train.grad_accum * batch_shards(mesh)):
         raise TrainingError(
             f"data.batch_size {config.data.batch_size} must split into grad_accum="
-            f"{config.train.grad_accum} microbatches over {_batch_shards(mesh)} batch shards "
+            f"{config.train.grad_accum} microbatches over {batch_shards(mesh)} batch shards "
             f"(mesh {parallel.describe(mesh)})"
         )
     if not config.data.train:
@@ -293,13 +293,7 @@ def train(
         base, trainable = None, params
 
     tx, schedule = make_optimizer(config.train)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        "trainable": trainable,
-        "opt_state": init_optimizer_state(tx, trainable, mesh),
-    }
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, state_shardings = init_train_state(tx, trainable, mesh)
 
     checkpoints = checkpoint_lib.Checkpoints(
         workdir / "checkpoints",
@@ -388,10 +382,6 @@ def train(
             shutil.copy(workdir / "tokenizer" / "tokenizer.json", export_dir / "tokenizer.json")
         summary["export"] = str(export_dir)
     return summary
-
-
-def _batch_shards(mesh: jax.sharding.Mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
 
 
 def _example_ids(batch: Mapping[str, np.ndarray]) -> list[int]:

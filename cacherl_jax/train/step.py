@@ -9,6 +9,7 @@ accumulated gradient equals the one-shot gradient of the batch mean exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from cacherl_jax.train.metrics import global_norm
+from cacherl_jax.train.optimizer import init_optimizer_state
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 CountFn = Callable[[Mapping[str, jax.Array]], jax.Array]
@@ -78,3 +80,22 @@ def make_update_step(
         return new_state, metrics
 
     return update_step
+
+
+def init_train_state(
+    tx: optax.GradientTransformation, trainable: Any, mesh: jax.sharding.Mesh
+) -> tuple[dict[str, Any], Any]:
+    """(state, its shardings): step 0, the trainable params as placed, and the optimizer state
+    sharded like them; the step counter replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "trainable": trainable,
+        "opt_state": init_optimizer_state(tx, trainable, mesh),
+    }
+    return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the mesh splits a batch (its data and fsdp axes)."""
+    return int(math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape))
