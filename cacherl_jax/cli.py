@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "grpo", help="GRPO with cache-backed rollouts: --config=configs/grpo.py:tiny"
     )
+    commands.add_parser("rft", help="iterative rejection-sampled SFT: --config=configs/rft.py:tiny")
     commands.add_parser("plan", help="memory per device of an SFT config, compiled ahead of time")
 
     convert = commands.add_parser(
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cacherl_jax.eval.run import register_cli as register_eval_cli
 
     register_eval_cli(commands)
+    from cacherl_jax.serve.server import register_cli as register_serve_cli
+
+    register_serve_cli(commands)
     return parser
 
 
@@ -256,12 +260,14 @@ def _workdir_flags(flags, flag_values):
 
 
 def _train_command(command: str, argv: Sequence[str]) -> None:
-    """`cacherl sft|grpo --config=configs/CMD.py:VARIANT [--config.FIELD=VALUE ...] --workdir=DIR`."""
+    """`cacherl sft|grpo|rft --config=configs/CMD.py:VARIANT [--config.FIELD=VALUE ...] --workdir=DIR`."""
     flag_values = _parse_config_flags(command, argv, _workdir_flags)
     if not flag_values.workdir:
         raise CommandLineError("--workdir=DIR is required")
     if command == "sft":
         from cacherl_jax.train.sft import train
+    elif command == "rft":
+        from cacherl_jax.train.rft import run as train
     else:
         from cacherl_jax.train.grpo import train
 
@@ -307,6 +313,7 @@ CONFIG_COMMANDS = {
     "augment": _augment,
     "sft": lambda argv: _train_command("sft", argv),
     "grpo": lambda argv: _train_command("grpo", argv),
+    "rft": lambda argv: _train_command("rft", argv),
     "plan": _plan,
 }
 

@@ -112,10 +112,13 @@ def sampling_weights(params: Params, config: Qwen3Config) -> Weights:
     }
 
 
-def _linear(x_NxI: jax.Array, w_OxI: jax.Array, **dot_kwargs) -> jax.Array:
-    """x @ w.T on 2-D operands: XLA's CPU backend streams an out-major weight faster when the
-    batch is small (measured ~20% over x @ w for 8 rows at bench_29m shapes)."""
-    return lax.dot_general(x_NxI, w_OxI, (((1,), (1,)), ((), ())), **dot_kwargs)
+def _linear(x_NxI: jax.Array, w_OxI: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x @ w.T with an out-major [out, in] weight, accumulated in float32. XLA's CPU backend
+    streams an out-major weight faster than x @ w when there are few rows (a decode step):
+    measured ~20% on bench_29m's matmuls at 8 rows."""
+    return lax.dot_general(
+        x_NxI, w_OxI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    ).astype(out_dtype or x_NxI.dtype)
 
 
 def _chunk_positions(cache: KVCache, valid_BxT: jax.Array) -> jax.Array:
@@ -165,13 +168,15 @@ def extend(
     cache: KVCache,
     tokens_BxT: jax.Array,
     valid_BxT: jax.Array,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[KVCache, jax.Array]:
     """Appends T slots (a prefill chunk, or T=1 for a decode step) and returns the cache and the
     float32 logits [B, V] of the chunk's last slot.
 
     `valid_BxT` marks real tokens; left-pad each row so that its last token is real wherever its
     logits are used. The caller checks that `length + T` fits in the cache: a write past the end
-    would be clamped by `dynamic_update_slice` onto earlier slots.
+    would be clamped by `dynamic_update_slice` onto earlier slots. `rope`: the (cos, sin) tables
+    of the chunk's positions, when the caller has them precomputed (see `rope_tables`).
     """
     B, T = tokens_BxT.shape
     S = cache.max_len
@@ -180,8 +185,9 @@ def extend(
     dtype = qwen3.compute_dtype(config)
     start = cache.length
 
-    positions_BxT = _chunk_positions(cache, valid_BxT)
-    cos_BxTxD, sin_BxTxD = qwen3.rope_tables(positions_BxT, D, config.rope_theta)
+    if rope is None:
+        rope = qwen3.rope_tables(_chunk_positions(cache, valid_BxT), D, config.rope_theta)
+    cos_BxTxD, sin_BxTxD = rope
     valid_BxS = lax.dynamic_update_slice(cache.valid_BxS, valid_BxT, (0, start))
     q_slot_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     kv_slot_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -224,9 +230,9 @@ def extend(
             B, T, -1
         )
 
-    # Only the last slot's logits are needed: the [E, V] projection runs on B rows, not B * T.
+    # Only the last slot's logits are needed: the output projection runs on B rows, not B * T.
     h_BxE = qwen3.rms_norm(x_BxTxE[:, -1], weights["final_norm"], eps)
-    logits_BxV = _linear(h_BxE, weights["unembed_VxE"], preferred_element_type=jnp.float32)
+    logits_BxV = _linear(h_BxE, weights["unembed_VxE"], out_dtype=jnp.float32)
     cache = KVCache(
         k=tuple(k_layers),
         v=tuple(v_layers),

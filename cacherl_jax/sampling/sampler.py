@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cacherl_jax.model import qwen3
 from cacherl_jax.model.config import Qwen3Config
 from cacherl_jax.model.params import Params
 from cacherl_jax.sampling import kv_cache
@@ -270,8 +271,11 @@ def _prefill_and_decode(
     sample = functools.partial(_sample, top_k_cap=top_k_cap, use_top_p=use_top_p)
     # All random numbers at once (the step-th token of a live row is at position start + step),
     # rather than a threefry call inside every step.
-    steps_N = jnp.arange(num_out, dtype=jnp.int32)
-    uniform_BxN = uniforms(rows.seeds_B, cache.next_position_B[:, None] + steps_N)
+    positions_BxN = cache.next_position_B[:, None] + jnp.arange(num_out, dtype=jnp.int32)
+    uniform_BxN = uniforms(rows.seeds_B, positions_BxN)
+    # RoPE tables for the same positions, also computed once: inside the step XLA would fuse
+    # (and so recompute) cos and sin into every layer's consumers.
+    cos_BxNxD, sin_BxNxD = qwen3.rope_tables(positions_BxN, config.head_dim, config.rope_theta)
 
     def cond(state):
         step, reason_B = state[0], state[-1]
@@ -295,8 +299,12 @@ def _prefill_and_decode(
         long_B = live_B & ~stopped_B & (count_B >= rows.max_new_B)
         reason_B = jnp.where(stopped_B, _STOP, jnp.where(long_B, _LENGTH, reason_B))
         # Rows that were already done write an invalid slot: a hole that nothing attends to.
+        rope = (
+            lax.dynamic_slice_in_dim(cos_BxNxD, step, 1, axis=1),
+            lax.dynamic_slice_in_dim(sin_BxNxD, step, 1, axis=1),
+        )
         cache, logits_BxV = kv_cache.extend(
-            weights, config, cache, token_B[:, None], live_B[:, None]
+            weights, config, cache, token_B[:, None], live_B[:, None], rope
         )
         return step + 1, cache, logits_BxV, tokens_BxN, logp_BxN, raw_BxN, count_B, reason_B
 

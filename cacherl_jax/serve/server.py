@@ -548,6 +548,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise RequestError("a Content-Length header is required")
         if int(length) > _MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body would be taken for the next request
             raise RequestError(f"request body over {_MAX_BODY_BYTES} bytes")
         raw = self.rfile.read(int(length))
         try:
