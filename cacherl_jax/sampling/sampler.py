@@ -360,12 +360,18 @@ class Sampler:
         self.mesh = mesh
         self.min_prompt_bucket = min_prompt_bucket
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-        self.weights = _layout_fn(config, replicated)(params)
+        self._layout = _layout_fn(config, replicated)
+        self.weights = self._layout(params)
         self._init_cache = jax.jit(
             kv_cache.init_cache, static_argnums=(0, 1, 2), out_shardings=self._cache_sharding()
         )
 
     # --- public API ---------------------------------------------------------------------------
+
+    def set_params(self, params: Params) -> None:
+        """Samples from new weights (training layout) from now on, e.g. after a policy update;
+        compiled programs are reused."""
+        self.weights = self._layout(params)
 
     def generate(
         self,

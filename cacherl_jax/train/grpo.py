@@ -39,7 +39,7 @@ from cacherl_jax.model import load_hf_checkpoint, save_hf_checkpoint
 from cacherl_jax.model import lora as lora_lib
 from cacherl_jax.rl.grpo import group_advantages
 from cacherl_jax.rl.rewards import RewardConfig, summarize
-from cacherl_jax.sampling import Sampler, kv_cache
+from cacherl_jax.sampling import Sampler
 from cacherl_jax.train import checkpoint as checkpoint_lib
 from cacherl_jax.train.errors import TrainingError
 from cacherl_jax.train.grpo_step import (
@@ -240,17 +240,12 @@ def train(
         functools.partial(target_logprobs, model=model, chunk_size=config.grpo.loss_chunk_size)
     )
     merge = jax.jit(full_params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    to_sampling_layout = jax.jit(
-        functools.partial(kv_cache.sampling_weights, config=model), out_shardings=replicated
-    )
-
     sampler = Sampler(merge(state["trainable"], base), model, mesh=mesh)
     train_loop = CacheAgentLoop(sampler, tokenizer, cache, loop_config(config))
     eval_loop = CacheAgentLoop(sampler, tokenizer, cache, loop_config(config, evaluation=True))
 
     def refresh_sampler():
-        sampler.weights = to_sampling_layout(merge(state["trainable"], base))
+        sampler.set_params(merge(state["trainable"], base))
 
     def run_eval(step: int) -> dict[str, float]:
         refresh_sampler()

@@ -1,0 +1,740 @@
+"""Iterative rejection-sampled SFT: `cacherl rft --config=configs/rft.py:tiny --workdir=runs/rft`.
+
+Each round K (`rft.rounds`) in `WORKDIR/round_K/`:
+
+1. load the current model (round 0: `model.checkpoint`, an HF directory such as an SFT run's
+   `hf/`; later rounds: the previous round's `round_{K-1}/sft/hf`);
+2. sample `rft.samples_per_task` rollouts of every task (`tasks`, the same spec as GRPO's) with
+   the CacheAgentLoop (cache mode, temperature 1 by default), `rft.batch_tasks` tasks per sampler
+   batch so memory stays bounded;
+3. score them with the tier-aware reward and keep those that finished with an answer and reached
+   `rft.reward_threshold` (and succeeded, with `rft.require_success`), identical token sequences
+   once, at most `rft.max_per_task` per task (best reward first);
+4. write the kept ones as trajectories (`accepted.jsonl`, metadata: task, reward, tier,
+   source="rft", round), merge them with `rft.base_data` (and, with `rft.accumulate`, earlier
+   rounds' accepted records) into `train.jsonl`;
+5. fine-tune the current model on it with `sft.train` (`config.sft`, an embedded SFT config) in
+   `sft/`, which exports `sft/hf/`;
+6. evaluate the new checkpoint on `eval_tasks` (greedy, live tools) and write `metrics.json`.
+
+Why records must round-trip. GRPO trains on the sampled token ids themselves; they are never
+decoded and re-tokenised. RFT cannot do that: its output is SFT data, i.e. messages that the SFT
+pipeline renders again with the chat template and tokenises. That re-rendering can differ from
+what the model sampled: the model may emit a non-canonical tokenisation of the same text, JSON
+with other spacing or key order than the template writes, text the parser drops or moves (markup
+after a tool call, calls inside the reasoning), an empty think block the template leaves out, or
+a multi-turn conversation whose earlier reasoning the template drops. SFT on such a record would
+teach tokens the policy never produced. So every candidate's messages are rendered with
+`cacherl_jax.chat.render` and compared with the rollout: the same token ids (the rendering may
+only add the template's closing `\\n`) and the loss mask on exactly the sampled tokens. Only
+records that round-trip exactly are kept (`rft.keep_nonroundtrip=True` keeps the others too);
+the counts are in every round's metrics and in `summary.json`.
+
+Resume: re-running the same command skips rounds whose `metrics.json` exists, reuses an
+`accepted.jsonl` whose `sampling.json` (written after it) exists and was made with the same
+settings, and lets `sft.train` resume its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from cacherl_jax import parallel
+from cacherl_jax.agent.environment import Task
+from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, PromptTooLongError, Rollout
+from cacherl_jax.chat import Tokenizer, load_tokenizer, render
+from cacherl_jax.data import Trajectory, load_jsonl, write_jsonl
+from cacherl_jax.eval.suite import TaskResult, evaluate, score_rollouts
+from cacherl_jax.model import load_hf_checkpoint
+from cacherl_jax.rl.rewards import RewardConfig
+from cacherl_jax.sampling import Sampler
+from cacherl_jax.train import sft
+from cacherl_jax.train.errors import TrainingError
+from cacherl_jax.train.grpo import load_tasks, open_cache
+from cacherl_jax.train.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+SOURCE = "rft"
+
+
+# --- selection ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    """Which sampled rollouts become SFT data."""
+
+    reward_threshold: float
+    require_success: bool = False
+    max_per_task: int = 0  # 0: no cap
+    keep_nonroundtrip: bool = False
+
+    @classmethod
+    def from_config(cls, rft: ml_collections.ConfigDict) -> FilterConfig:
+        return cls(
+            reward_threshold=rft.reward_threshold,
+            require_success=rft.require_success,
+            max_per_task=rft.max_per_task,
+            keep_nonroundtrip=rft.keep_nonroundtrip,
+        )
+
+
+def token_key(token_ids: Sequence[int] | np.ndarray) -> str:
+    """A digest of a token sequence: equal keys, equal rollouts (for deduplication)."""
+    return hashlib.sha1(np.asarray(token_ids, np.int32).tobytes()).hexdigest()
+
+
+def select(
+    rollouts: Sequence[Rollout],
+    results: Sequence[TaskResult],
+    config: FilterConfig,
+    roundtrips: Callable[[int], bool],
+    seen: set[str] | None = None,
+) -> tuple[list[int], Counter]:
+    """(indices of the rollouts to keep, counts of why the others were not).
+
+    A rollout is a candidate when it ended with an answer (a cut-off conversation is no
+    demonstration), its reward reaches the threshold and, if asked, it succeeded. Per task,
+    candidates go best reward first (then sample index); a token sequence already in `seen` is a
+    duplicate; `roundtrips(i)` is asked only of the rest, until the task has `max_per_task`.
+    `seen` is updated, so successive batches of one round share it.
+    """
+    seen = set() if seen is None else seen
+    counts: Counter = Counter()
+    by_task: dict[str, list[int]] = {}
+    for index, (rollout, result) in enumerate(zip(rollouts, results, strict=True)):
+        if rollout.task_id != result.task_id or rollout.sample != result.sample:
+            raise ValueError(f"result {index} is not rollout {index}'s")
+        counts["sampled"] += 1
+        if rollout.stop_reason != "answer":
+            continue
+        counts["finished"] += 1
+        if result.reward.total < config.reward_threshold:
+            continue
+        counts["above_threshold"] += 1
+        if config.require_success and not result.success:
+            continue
+        counts["candidates"] += 1
+        by_task.setdefault(rollout.task_id, []).append(index)
+
+    kept: list[int] = []
+    for indices in by_task.values():
+        indices.sort(key=lambda i: (-results[i].reward.total, rollouts[i].sample))
+        taken = 0
+        for index in indices:
+            key = token_key(rollouts[index].token_ids)
+            if key in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(key)
+            if config.max_per_task and taken >= config.max_per_task:
+                counts["over_cap"] += 1
+                continue
+            exact = roundtrips(index)
+            counts["roundtrip" if exact else "not_roundtrip"] += 1
+            if not exact and not config.keep_nonroundtrip:
+                continue
+            counts["accepted_not_roundtrip"] += int(not exact)
+            kept.append(index)
+            taken += 1
+    counts["accepted"] = len(kept)
+    return sorted(kept), counts
+
+
+# --- rollouts as trajectories -------------------------------------------------------------------
+
+
+def rollout_tools(task: Task) -> list[dict[str, Any]]:
+    """The tools the rollout's prompt offered (as `CacheAgentLoop` renders them)."""
+    return copy.deepcopy([*task.tools, *task.turns[0].new_tools])
+
+
+def rollout_messages(task: Task, rollout: Rollout) -> list[dict[str, Any]]:
+    """The conversation of a rollout as OpenAI-style messages: the task's opening messages, each
+    parsed assistant turn (reasoning, content, tool calls), the tool results the model was shown
+    (after truncation) and, for multi-turn tasks, the next user turn after each answer."""
+    messages = copy.deepcopy(task.turns[0].messages)
+    results: dict[int, list[Any]] = {}
+    for call in rollout.calls:
+        results.setdefault(call.turn, []).append(call)
+    user_turn, pending_user = 0, False
+    for parsed in rollout.turns:
+        if pending_user:
+            messages.extend(copy.deepcopy(task.turns[user_turn].messages))
+            pending_user = False
+        index = len(messages)
+        messages.append(parsed.to_message())
+        if parsed.tool_calls:
+            messages.extend(
+                {"role": "tool", "name": call.name, "content": call.result}
+                for call in results.get(index, [])
+            )
+        else:
+            user_turn += 1
+            pending_user = user_turn < len(task.turns)
+    return messages
+
+
+def roundtrip_mismatch(
+    rollout: Rollout,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]],
+    tokenizer: Tokenizer,
+    *,
+    enable_thinking: bool | None = None,
+) -> str | None:
+    """None if rendering `messages` gives exactly the rollout's token ids, with loss mask 1 on
+    exactly its sampled tokens; else where the two first differ.
+
+    The rendering closes the conversation with `\\n` after the final `<|im_end|>`, which the
+    rollout (ending on the token it sampled last) does not have; nothing else may differ.
+    """
+    rendered = render(messages, tools, tokenizer, enable_thinking=enable_thinking)
+    ids_T, mask_T = np.asarray(rollout.token_ids), np.asarray(rollout.loss_mask)
+    n = len(ids_T)
+    rendered_ids = rendered.token_ids
+    common = min(n, len(rendered_ids))
+    differ = np.flatnonzero(rendered_ids[:common] != ids_T[:common])
+    if len(differ):
+        at = int(differ[0])
+        return (
+            f"token {at} of {n}: sampled {tokenizer.decode(ids_T[at : at + 8].tolist())!r}, "
+            f"rendered {tokenizer.decode(rendered_ids[at : at + 8].tolist())!r}"
+        )
+    if rendered_ids[n:].tolist() != tokenizer.encode("\n"):
+        return f"lengths differ: {n} sampled tokens, {len(rendered_ids)} rendered"
+    if not np.array_equal(rendered.loss_mask[:n], mask_T):
+        at = int(np.flatnonzero(rendered.loss_mask[:n] != mask_T)[0])
+        return f"loss mask differs at token {at}: sampled {mask_T[at]}, rendered {rendered.loss_mask[at]}"
+    return None
+
+
+def rollout_record(
+    task: Task,
+    rollout: Rollout,
+    result: TaskResult,
+    messages: list[dict[str, Any]],
+    *,
+    round_index: int,
+    roundtrip: bool,
+) -> Trajectory:
+    return Trajectory(
+        id=f"{SOURCE}-r{round_index}-{task.id}-s{rollout.sample}",
+        messages=messages,
+        tools=rollout_tools(task),
+        metadata={
+            "source": SOURCE,
+            "round": round_index,
+            "task_id": task.id,
+            "sample": rollout.sample,
+            "reward": result.reward.total,
+            "reward_parts": result.reward.to_dict(),
+            "tier": rollout.worst_tier,
+            "success": result.success,
+            "roundtrip": roundtrip,
+            "tokens_sha1": token_key(rollout.token_ids),
+            "task": task.to_dict(),
+        },
+    )
+
+
+def merge_data(
+    base_paths: Sequence[str], accepted_paths: Sequence[Path], output: Path
+) -> dict[str, int]:
+    """Writes the base trajectories, then the accepted ones (each token sequence once)."""
+    base: list[Trajectory] = []
+    for path in base_paths:
+        base.extend(load_jsonl(path)[0])
+    accepted, seen, duplicates = [], set(), 0
+    for path in accepted_paths:
+        for trajectory in load_jsonl(path)[0]:
+            key = trajectory.metadata.get("tokens_sha1")
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            accepted.append(trajectory)
+    write_jsonl(output, [*base, *accepted])
+    return {"base": len(base), "accepted": len(accepted), "duplicates": duplicates}
+
+
+# --- the current model ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Policy:
+    checkpoint: str
+    tokenizer: Tokenizer
+    sampler: Sampler
+
+
+class _Models:
+    """Holds the one model loaded for sampling and evaluation; released before SFT trains."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh):
+        self.config, self.mesh = config, mesh
+        self.policy: _Policy | None = None
+
+    def get(self, checkpoint: str) -> _Policy:
+        if self.policy is None or self.policy.checkpoint != checkpoint:
+            self.release()
+            config = self.config
+            tokenizer = load_tokenizer(config.tokenizer.spec or checkpoint)
+            model, params = load_hf_checkpoint(
+                checkpoint,
+                mesh=self.mesh,
+                dtype=jnp.dtype(config.model.param_dtype),
+                compute_dtype=config.model.compute_dtype,
+                remat=config.model.remat,
+                unroll_layers=config.model.unroll_layers,
+            )
+            self.policy = _Policy(checkpoint, tokenizer, Sampler(params, model, mesh=self.mesh))
+        return self.policy
+
+    def release(self) -> None:
+        self.policy = None
+        gc.collect()
+
+
+def _check_checkpoint(checkpoint: str, tokenizer_spec: str, what: str) -> None:
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise TrainingError(
+            f"{what} {checkpoint!r} is not an HF checkpoint directory (no config.json); give e.g. "
+            "an SFT run's hf/ (--config.model.checkpoint=DIR)"
+        )
+    if tokenizer_spec == checkpoint and not (path / "tokenizer.json").is_file():
+        raise TrainingError(
+            f"{what} {checkpoint!r} has no tokenizer.json; give one with --config.tokenizer.spec "
+            "(a tokenizer directory or 'qwen3')"
+        )
+
+
+def _loop_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) -> LoopConfig:
+    values = config.loop.to_dict()
+    if evaluation:
+        values.update(
+            group_size=config.eval.samples,
+            temperature=config.eval.temperature,
+            mode=config.eval.mode,
+        )
+    else:
+        values["group_size"] = config.rft.samples_per_task
+    return LoopConfig(**values)
+
+
+def _run_loop(loop: CacheAgentLoop, tasks: Sequence[Task], seed: int) -> list[Rollout]:
+    try:
+        return loop.run(tasks, seed=seed)
+    except PromptTooLongError as err:
+        raise TrainingError(f"{err} (raise --config.loop.max_len)") from err
+
+
+def _evaluate(
+    policy: _Policy, cache, tasks: Sequence[Task], config: ml_collections.ConfigDict
+) -> dict[str, float]:
+    if not tasks:
+        return {}
+    loop = CacheAgentLoop(
+        policy.sampler, policy.tokenizer, cache, _loop_config(config, evaluation=True)
+    )
+    start = time.perf_counter()
+    try:
+        metrics, _ = evaluate(
+            loop, tasks, RewardConfig.from_config(config.reward), seed=config.seed
+        )
+    except PromptTooLongError as err:
+        raise TrainingError(f"evaluation: {err} (raise --config.loop.max_len)") from err
+    out = {f"eval/{k}": v for k, v in metrics.items()}
+    out["eval/seconds"] = time.perf_counter() - start
+    return out
+
+
+# --- one round ------------------------------------------------------------------------------------
+
+
+def sampling_fingerprint(config: ml_collections.ConfigDict, checkpoint: str) -> dict[str, Any]:
+    """What an `accepted.jsonl` depends on; a reused one must have been made with the same."""
+    return json.loads(
+        json.dumps(
+            {
+                "checkpoint": checkpoint,
+                "tasks": config.tasks.to_dict(),
+                "loop": config.loop.to_dict(),
+                "reward": config.reward.to_dict(),
+                "filter": dataclasses.asdict(FilterConfig.from_config(config.rft)),
+                "samples_per_task": config.rft.samples_per_task,
+                "seed": config.seed,
+            }
+        )
+    )
+
+
+def _accept(
+    rollouts: list[Rollout],
+    results: list[TaskResult],
+    by_id: dict[str, Task],
+    tokenizer: Tokenizer,
+    config: ml_collections.ConfigDict,
+    round_index: int,
+    seen: set[str],
+    mismatches: list[str],
+) -> tuple[list[Trajectory], Counter]:
+    """The records of one sampler batch that pass `select`, round-trip checked on the way."""
+    messages: dict[int, list[dict[str, Any]]] = {}
+    exact: dict[int, bool] = {}
+
+    def roundtrips(i: int) -> bool:
+        task = by_id[rollouts[i].task_id]
+        messages[i] = rollout_messages(task, rollouts[i])
+        why = roundtrip_mismatch(
+            rollouts[i],
+            messages[i],
+            rollout_tools(task),
+            tokenizer,
+            enable_thinking=config.sft.data.enable_thinking,
+        )
+        if why is not None and len(mismatches) < 5:
+            mismatches.append(f"{task.id}/{rollouts[i].sample}: {why}")
+        exact[i] = why is None
+        return exact[i]
+
+    kept, counts = select(rollouts, results, FilterConfig.from_config(config.rft), roundtrips, seen)
+    records = [
+        rollout_record(
+            by_id[rollouts[i].task_id],
+            rollouts[i],
+            results[i],
+            messages[i],
+            round_index=round_index,
+            roundtrip=exact[i],
+        )
+        for i in kept
+    ]
+    return records, counts
+
+
+def _sample_round(
+    policy: _Policy,
+    cache,
+    tasks: list[Task],
+    config: ml_collections.ConfigDict,
+    round_index: int,
+    progress: bool,
+) -> tuple[list[Trajectory], dict[str, float]]:
+    """Samples every task in batches of `rft.batch_tasks` tasks and keeps what passes `select`;
+    returns the records and the round's sampling statistics."""
+    loop = CacheAgentLoop(policy.sampler, policy.tokenizer, cache, _loop_config(config))
+    reward_config = RewardConfig.from_config(config.reward)
+    seed = config.seed * 1_000_003 + round_index
+    by_id = {task.id: task for task in tasks}
+    seen: set[str] = set()
+    counts: Counter = Counter()
+    timing: Counter = Counter()
+    tiers: Counter = Counter()
+    rewards: list[float] = []
+    successes: list[bool] = []
+    mismatches: list[str] = []
+    records: list[Trajectory] = []
+    bar = tqdm(total=len(tasks), desc=f"rft round {round_index}: sampling", unit="task",
+               disable=not progress or jax.process_index())  # fmt: skip
+    try:
+        for start in range(0, len(tasks), config.rft.batch_tasks):
+            chunk = tasks[start : start + config.rft.batch_tasks]
+            rollouts = _run_loop(loop, chunk, seed)
+            timing.update({k: v for k, v in loop.metrics.items() if k.endswith("_s")})
+            t0 = time.perf_counter()
+            results = score_rollouts(chunk, rollouts, reward_config)
+            rewards.extend(r.reward.total for r in results)
+            successes.extend(r.success for r in results)
+            tiers.update(r.worst_tier for r in rollouts)
+            kept, chunk_counts = _accept(
+                rollouts, results, by_id, policy.tokenizer, config, round_index, seen, mismatches
+            )
+            records.extend(kept)
+            counts.update(chunk_counts)
+            timing["select_s"] += time.perf_counter() - t0
+            bar.update(len(chunk))
+            bar.set_postfix(accepted=counts["accepted"], reward=f"{np.mean(rewards):.3f}")
+    finally:
+        bar.close()
+    for example in mismatches:
+        log.info("rft round %d: not round-tripping: %s", round_index, example)
+    sampled = max(counts["sampled"], 1)
+    checked = counts["roundtrip"] + counts["not_roundtrip"]
+    stats: dict[str, float] = {
+        "tasks": float(len(tasks)),
+        **{k: float(counts[k]) for k in COUNTS},
+        "acceptance_rate": counts["accepted"] / sampled,
+        "roundtrip_rate": counts["roundtrip"] / checked if checked else float("nan"),
+        "tasks_with_accepted": float(len({r.metadata["task_id"] for r in records})),
+        "sample_reward_mean": float(np.mean(rewards)),
+        "sample_success_rate": float(np.mean(successes)),
+        **{f"sample_tier_{t}": tiers[t] / sampled for t in ("exact", "fuzzy", "best_effort")},
+        **{f"time/{k}": float(v) for k, v in timing.items()},
+    }
+    return records, stats
+
+
+COUNTS = (
+    "sampled",
+    "finished",
+    "above_threshold",
+    "candidates",
+    "duplicates",
+    "over_cap",
+    "roundtrip",
+    "not_roundtrip",
+    "accepted",
+    "accepted_not_roundtrip",
+)
+
+
+def sft_config_for_round(
+    config: ml_collections.ConfigDict, checkpoint: str, tokenizer_spec: str, train_path: Path
+) -> ml_collections.ConfigDict:
+    """The embedded SFT config, starting from the current model with its tokenizer."""
+    sft_config = config.sft.copy_and_resolve_references()
+    sft_config.mesh = config.mesh.to_dict()
+    sft_config.distributed = config.distributed.to_dict()
+    sft_config.model.checkpoint = checkpoint
+    sft_config.tokenizer.spec = tokenizer_spec
+    sft_config.data.train = str(train_path)
+    return sft_config
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Atomically (temp file + rename): a file that exists is complete."""
+    if jax.process_index():
+        return
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=_jsonable) + "\n")
+    os.replace(temporary, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _flat(stats: dict[str, Any]) -> dict[str, float]:
+    return {
+        f"rft/{k}" if not k.startswith(("eval/", "time/")) else k: float(v)
+        for k, v in stats.items()
+        if isinstance(v, (int, float))
+    }
+
+
+def _sample_or_reuse(
+    round_dir: Path,
+    k: int,
+    checkpoint: str,
+    models: _Models,
+    cache,
+    tasks: list[Task],
+    eval_tasks: list[Task],
+    eval_before: dict[str, float] | None,
+    config: ml_collections.ConfigDict,
+    progress: bool,
+) -> dict[str, Any]:
+    """The round's `sampling.json` (fingerprint, stats, eval before), sampling first unless a
+    complete one with the same settings is there; `accepted.jsonl` is written before it."""
+    accepted_path, sampling_path = round_dir / "accepted.jsonl", round_dir / "sampling.json"
+    fingerprint = sampling_fingerprint(config, checkpoint)
+    if sampling_path.exists() and accepted_path.exists():
+        sampling = json.loads(sampling_path.read_text())
+        if sampling["fingerprint"] != fingerprint:
+            differing = [k for k in fingerprint if sampling["fingerprint"].get(k) != fingerprint[k]]
+            raise TrainingError(
+                f"{accepted_path} was sampled with other settings ({', '.join(differing)}); "
+                "use another workdir or delete that round"
+            )
+        log.info("rft round %d: reusing %s", k, accepted_path)
+        return sampling
+    policy = models.get(checkpoint)
+    start = time.perf_counter()
+    if eval_before is None:
+        eval_before = _evaluate(policy, cache, eval_tasks, config)
+    timing = {"time/eval_before_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    records, stats = _sample_round(policy, cache, tasks, config, k, progress)
+    timing["time/sampling_round_s"] = time.perf_counter() - start
+    write_jsonl(accepted_path, records)
+    sampling = {"fingerprint": fingerprint, "stats": stats, "eval_before": eval_before}
+    sampling["timing"] = timing
+    _write_json(sampling_path, sampling)
+    return sampling
+
+
+def _fine_tune(
+    round_dir: Path,
+    k: int,
+    checkpoint: str,
+    base_paths: list[str],
+    config: ml_collections.ConfigDict,
+    devices: list[jax.Device] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Merges the data and runs (or resumes) the round's SFT; returns its summary and counts."""
+    accepted = [round_dir.parent / f"round_{j}" / "accepted.jsonl" for j in range(k + 1)]
+    train_path = round_dir / "train.jsonl"
+    merged = merge_data(
+        base_paths, accepted if config.rft.accumulate else accepted[-1:], train_path
+    )
+    tokenizer_spec = config.tokenizer.spec or checkpoint
+    sft_config = sft_config_for_round(config, checkpoint, tokenizer_spec, train_path)
+    start = time.perf_counter()
+    summary = sft.train(sft_config, round_dir / "sft", progress=progress, devices=devices)
+    seconds = time.perf_counter() - start
+    export = summary.get("export")
+    if not export:
+        raise TrainingError("rft needs each round's model exported: set sft.train.export_hf=True")
+    # The next round loads its tokenizer from the export, as from the starting checkpoint.
+    source, target = Path(tokenizer_spec) / "tokenizer.json", Path(export) / "tokenizer.json"
+    if source.is_file() and not target.exists() and jax.process_index() == 0:
+        shutil.copy(source, target)
+    return {
+        "export": export,
+        "sft_steps": summary.get("steps", 0),
+        "sft_loss": summary.get("loss", float("nan")),
+        "merged_base": merged["base"],
+        "merged_accepted": merged["accepted"],
+        "merged_duplicates": merged["duplicates"],
+        "time/sft_s": seconds,
+    }
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    progress: bool = True,
+    *,
+    devices: list[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) `rft.rounds` rounds in `workdir`; returns the summary (also written to
+    `summary.json`)."""
+    workdir = Path(workdir).absolute()
+    if not config.model.checkpoint:
+        raise TrainingError(
+            "config.model.checkpoint is empty: give an HF checkpoint directory (e.g. an SFT run's hf/)"
+        )
+    if config.rft.samples_per_task < 1 or config.rft.batch_tasks < 1 or config.rft.rounds < 0:
+        raise TrainingError("rft.samples_per_task and rft.batch_tasks must be >= 1, rounds >= 0")
+    checkpoint = str(Path(config.model.checkpoint).absolute())
+    _check_checkpoint(checkpoint, config.tokenizer.spec or checkpoint, "model.checkpoint")
+    base_paths = [p.strip() for p in config.rft.base_data.split(",") if p.strip()]
+    for path in base_paths:
+        if not Path(path).is_file():
+            raise TrainingError(f"rft.base_data: {path} does not exist (a trajectories JSONL)")
+
+    parallel.initialize_distributed(config.distributed)
+    mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    tasks = load_tasks(config.tasks, "train")
+    if not tasks:
+        raise TrainingError("no tasks to sample (config.tasks)")
+    eval_tasks = load_tasks(config.eval_tasks, "validation") if config.eval.enabled else []
+    cache_config = config.copy_and_resolve_references()
+    if not cache_config.cache.build_from:
+        cache_config.cache.build_from = ",".join(base_paths)
+    cache = open_cache(cache_config, workdir)
+
+    rounds: list[dict[str, Any]] = []  # finished rounds' metrics.json, written last in a round
+    while len(rounds) < config.rft.rounds:
+        done = workdir / f"round_{len(rounds)}" / "metrics.json"
+        if not done.exists():
+            break
+        rounds.append(json.loads(done.read_text()))
+        checkpoint = rounds[-1]["export"]
+    resumed = len(rounds)
+    if resumed:
+        log.info("rft: %d round(s) already done, continuing from %s", resumed, checkpoint)
+    writer = MetricsWriter(workdir, resume_step=resumed, enabled=jax.process_index() == 0)
+    models = _Models(config, mesh)
+    try:
+        for k in range(resumed, config.rft.rounds):
+            round_dir = workdir / f"round_{k}"
+            round_dir.mkdir(exist_ok=True)
+            _check_checkpoint(
+                checkpoint, config.tokenizer.spec or checkpoint, f"round {k}'s starting checkpoint"
+            )
+            sampling = _sample_or_reuse(
+                round_dir,
+                k,
+                checkpoint,
+                models,
+                cache,
+                tasks,
+                eval_tasks,
+                eval_before=rounds[-1]["eval_after"] if rounds else None,
+                config=config,
+                progress=progress,
+            )
+            stats, eval_before = sampling["stats"], sampling["eval_before"]
+            metrics = {"round": k, "checkpoint": checkpoint, **stats, **sampling["timing"]}
+            if stats["accepted"]:
+                models.release()  # the sampler's weights and KV caches, before SFT allocates
+                metrics.update(
+                    _fine_tune(round_dir, k, checkpoint, base_paths, config, devices, progress)
+                )
+                start = time.perf_counter()
+                eval_after = _evaluate(models.get(metrics["export"]), cache, eval_tasks, config)
+                metrics["time/eval_after_s"] = time.perf_counter() - start
+            else:  # no new data, nothing to train: the next round samples the same model again
+                log.warning("rft round %d accepted nothing; the model is unchanged", k)
+                metrics["export"], eval_after = checkpoint, eval_before
+            metrics.update(trained=bool(stats["accepted"]), eval_before=eval_before)
+            metrics["eval_after"] = eval_after
+            writer.write(k + 1, _flat({**metrics, **eval_after}))
+            _write_json(round_dir / "metrics.json", metrics)
+            rounds.append(metrics)
+            checkpoint = metrics["export"]
+            log.info(
+                "rft round %d: %d of %d samples accepted (%d not round-tripping), model %s",
+                k,
+                stats["accepted"],
+                stats["sampled"],
+                stats["not_roundtrip"],
+                checkpoint,
+            )
+    finally:
+        writer.close()
+        cache.close()
+
+    summary: dict[str, Any] = {
+        "rounds": len(rounds),
+        "resumed_rounds": resumed,
+        "final_checkpoint": checkpoint,
+        "eval_before": rounds[0]["eval_before"] if rounds else {},
+        "eval_after": rounds[-1]["eval_after"] if rounds else {},
+        "per_round": rounds,
+    }
+    for key in COUNTS:
+        summary[key] = sum(int(r.get(key, 0)) for r in rounds)
+    _write_json(workdir / "summary.json", summary)
+    return summary
