@@ -35,7 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.unroll_layers = tiny
 
     config.tokenizer = ml_collections.ConfigDict()
-    config.tokenizer.spec = ""  # "" : the checkpoint directory's own tokenizer.json; or "qwen3"
+    # "": the checkpoint directory's own tokenizer.json (a tiny SFT run exports its trained one);
+    # "qwen3": the real Qwen3 vocabulary, which Qwen3 SFT exports do not carry.
+    config.tokenizer.spec = "" if tiny else "qwen3"
 
     # Tasks: the procedural suite (split/seed/kinds), or tasks stored in trajectories JSONL
     # (`metadata.task`, as `cacherl tasks` writes them), or BFCL multi-turn.

@@ -321,6 +321,15 @@ def test_lora_training_keeps_the_base_and_exports_merged(data_file, tmp_path):
     np.testing.assert_array_equal(exported["embed"], base["embed"])  # not a LoRA target: unchanged
     assert not np.array_equal(exported["layers"]["wq"], base["layers"]["wq"])  # merged adapters
 
+    # A run given a tokenizer directory exports that tokenizer with its weights.
+    config = small_config(data_file, steps=2, checkpoint_every=2)
+    config.tokenizer.spec = str(tmp_path / "tokenizer")
+    summary = train(config, tmp_path / "given_tokenizer")
+    exported_tokenizer = Path(summary["export"]) / "tokenizer.json"
+    assert (
+        exported_tokenizer.read_bytes() == (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+    )
+
 
 def test_plan_reports_memory(capsys):
     assert (

@@ -378,8 +378,13 @@ def train(
         if export_dir.exists() and jax.process_index() == 0:
             shutil.rmtree(export_dir)
         save_hf_checkpoint(model, final, export_dir)
-        if not config.tokenizer.spec and jax.process_index() == 0:
-            shutil.copy(workdir / "tokenizer" / "tokenizer.json", export_dir / "tokenizer.json")
+        # The export carries its tokenizer unless that is the built-in "qwen3" vocabulary.
+        spec = config.tokenizer.spec
+        source = Path(spec or workdir / "tokenizer")
+        if source.is_dir():
+            source = source / "tokenizer.json"
+        if spec != "qwen3" and jax.process_index() == 0:
+            shutil.copy(source, export_dir / "tokenizer.json")
         summary["export"] = str(export_dir)
     return summary
 
