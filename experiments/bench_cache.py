@@ -1,4 +1,5 @@
-"""Tool cache at scale: lookup latency per tier, against a linear rapidfuzz scan, and memory.
+"""Tool cache at scale: lookup latency per tier, against a linear rapidfuzz scan, memory, and
+rollout throughput with the cache against live tools.
 
     .venv/bin/python experiments/bench_cache.py [--entries 1000000] [--tools 1000] [--zipf 1.0]
 
@@ -17,15 +18,26 @@ fuzzy indexes, then times lookups of four query sets drawn like the entries (so 
   holds a similar call, as large tools often do);
 - unseen: tools that were never recorded.
 
-Latency is reported per query set and per tier answered (`tier best_effort` counts nearest-entry
-answers, `tier unseen_tool` the "no recorded result" ones), as wall time and as this thread's CPU
-time: on a shared machine the wall p99 is mostly time spent waiting for a core.
+Every query is distinct; `--warmup` more per set run first, untimed (allocator, CPU caches, the
+code paths), so the timed lookups are warm but each one meets its own entries. Latency is
+reported per query set and per tier answered (`tier best_effort` counts nearest-entry answers,
+`tier unseen_tool` the "no recorded result" ones), as wall time and as this thread's CPU time:
+on a shared machine the wall p99 is mostly time spent waiting for a core.
 
 The baseline is how a plain JSON-file cache answers a fuzzy call: rapidfuzz `ratio` of the call's
 canonical arguments JSON against every entry of the tool, as one `process.extractOne` (C++ loop,
-the fast way) and as a Python loop over `fuzz.ratio` (the usual way). The speedup is the mean scan
-time over the mean lookup time on the same perturbed queries. We also check how often the index's
-answer has the exhaustive best score. Prints a table, then one JSON line.
+the fast way; a `score_cutoff` does not speed it up, and a cache must find the nearest entry
+below the threshold too) and as a Python loop over `fuzz.ratio` (the usual way). The speedup is
+the mean scan time over the mean lookup time on the same perturbed queries (total time for the
+same work). We also check how often the index's answer has the exhaustive best score.
+
+Phase 3, rollout throughput: procedural tasks' reference solutions replayed through
+`CacheAgentLoop` (a scripted policy emits each reference assistant turn's tokens, so no model
+runs), once answering every call from a tool cache built from those references and once live,
+from the tasks' environments made to sleep `--live-delay` (100 ms) per call as a real tool would.
+Both runs do the same rollouts: rollouts/s of each and their ratio.
+
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -44,7 +56,12 @@ import time
 import numpy as np
 
 from cacherl_jax.agent import tool_cache
-from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, ToolRecord
+from cacherl_jax.agent.tool_cache import (
+    ToolCache,
+    ToolCacheConfig,
+    ToolRecord,
+    build_from_trajectories,
+)
 
 ARGUMENT_KINDS = ("text", "id", "entity", "enum", "date", "int", "float")
 HIGH_CARDINALITY = ("text", "id", "float")  # every tool leads with one, so big tools stay unique
@@ -167,24 +184,26 @@ def build(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
             records.append(ToolRecord(tool["name"], arguments, generator.result(tool, arguments)))
     generate_s = time.perf_counter() - start
 
-    # Queries drawn like the entries: each samples one stored call.
-    picks = generator.rng.sample(range(len(records)), min(len(records), 3 * args.queries))
+    # Queries drawn like the entries: each samples one stored call. The first `warmup` of each
+    # set are run untimed.
+    wanted = args.warmup + args.queries
+    picks = generator.rng.sample(range(len(records)), min(len(records), 3 * wanted))
     by_name = {tool["name"]: tool for tool in generator.tools}
     queries: dict[str, list] = {"rewritten": [], "perturbed": [], "fresh": [], "unseen": []}
     for index in picks:
         record = records[index]
         tool = by_name[record.tool]
-        if len(queries["rewritten"]) < args.queries:
+        if len(queries["rewritten"]) < wanted:
             queries["rewritten"].append(
                 [record.tool, _reformatted(generator.rng, record.arguments)]
             )
         perturbed = generator.perturb(tool, record.arguments)
-        if perturbed is not None and len(queries["perturbed"]) < args.queries:
+        if perturbed is not None and len(queries["perturbed"]) < wanted:
             queries["perturbed"].append([record.tool, perturbed, record.arguments])
-        if len(queries["fresh"]) < args.queries:
+        if len(queries["fresh"]) < wanted:
             queries["fresh"].append([record.tool, generator.arguments(tool)])
-    for index in range(args.queries):
-        queries["unseen"].append([f"never_recorded_{index}", {"query": "anything"}])
+    for index in range(wanted):
+        queries["unseen"].append([f"never_recorded_{index}", {"query": f"anything {index}"}])
     with open(queries_path, "w") as file:
         json.dump(queries, file)
 
@@ -214,13 +233,17 @@ def _rss_gb() -> tuple[float, float]:
 
 def _timed(cache: ToolCache, queries: list) -> tuple[np.ndarray, np.ndarray, list]:
     """Wall and CPU (this thread) seconds per lookup, and the hits. The CPU time leaves out the
-    time this process waited for a core, which on a shared machine dominates the wall p99."""
+    time this process waited for a core, which on a shared machine dominates the wall p99. The
+    wall clock is read inside the CPU clock: `thread_time` is a ~1 us system call, `perf_counter`
+    ~0.07 us."""
     seconds, cpu_seconds, hits = [], [], []
     for query in queries:
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        cpu_start = time.thread_time()
+        start = time.perf_counter()
         hit = cache.lookup(query[0], query[1])
-        seconds.append(time.perf_counter() - start)
+        end = time.perf_counter()
         cpu_seconds.append(time.thread_time() - cpu_start)
+        seconds.append(end - start)
         hits.append(hit)
     return np.array(seconds), np.array(cpu_seconds), hits
 
@@ -239,8 +262,9 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
     index_s = time.perf_counter() - start
     rss_gb, peak_gb = _rss_gb()
 
-    for name in ("rewritten", "perturbed"):  # warm-up: allocator, CPU caches
-        _timed(cache, queries[name][:50])
+    for name in list(queries):  # warm-up: allocator, CPU caches, code paths
+        _timed(cache, queries[name][: args.warmup])
+        queries[name] = queries[name][args.warmup :]
     by_set, by_tier = {}, {tier: ([], []) for tier in (*tool_cache.TIERS, "unseen_tool")}
     for name, query_set in queries.items():
         seconds, cpu_seconds, hits = _timed(cache, query_set)
@@ -270,14 +294,19 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
         abs(hit.score - best) < 1e-9 for hit, best in zip(hits, exhaustive, strict=False)
     )
 
-    # The plain JSON-file cache: every entry's canonical arguments JSON, grouped by tool.
+    # The plain JSON-file cache: every entry's canonical arguments JSON, grouped by tool, scanned
+    # for the first perturbed calls (whose lookups were timed above, warm like these scans).
     by_tool: dict[str, list[str]] = {}
     for tool, key in zip(cache._tools, cache._keys, strict=True):
         by_tool.setdefault(tool, []).append(key)
+    compared = perturbed[: args.scan_queries]
+    ours = by_set["perturbed"]["seconds"][: len(compared)]
+    ours_cpu = by_set["perturbed"]["cpu_seconds"][: len(compared)]
     scan, scan_cpu, loop = [], [], []
-    for index, (tool, arguments, _) in enumerate(perturbed[: args.scan_queries]):
+    for index, (tool, arguments, _) in enumerate(compared):
         query_key = tool_cache.canonical_key(arguments)
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        cpu_start = time.thread_time()
+        start = time.perf_counter()
         process.extractOne(query_key, by_tool[tool], scorer=fuzz.ratio)
         scan.append(time.perf_counter() - start)
         scan_cpu.append(time.thread_time() - cpu_start)
@@ -285,10 +314,8 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
             start = time.perf_counter()
             max(fuzz.ratio(query_key, key) for key in by_tool[tool])
             loop.append(time.perf_counter() - start)
-    ours = by_set["perturbed"]["seconds"]
-    ours_cpu = by_set["perturbed"]["cpu_seconds"]
     top_tool = max(by_tool, key=lambda tool: len(by_tool[tool]))
-    on_top = [i for i, query in enumerate(perturbed[: len(scan)]) if query[0] == top_tool]
+    on_top = [i for i, query in enumerate(compared) if query[0] == top_tool]
 
     return {
         "load_s": load_s,
@@ -310,9 +337,12 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
         "fuzzy_best_found": best_found,
         "scan_mean_ms": 1e3 * float(np.mean(scan)),
         "scan_p99_ms": 1e3 * float(np.percentile(scan, 99)),
+        "scan_cpu_mean_ms": 1e3 * float(np.mean(scan_cpu)),
         "loop_scan_mean_ms": 1e3 * float(np.mean(loop)),
-        "speedup_vs_scan": float(np.mean(scan) / np.mean(ours[: len(scan)])),
-        "cpu_speedup_vs_scan": float(np.mean(scan_cpu) / np.mean(ours_cpu[: len(scan)])),
+        "compared_mean_us": 1e6 * float(np.mean(ours)),
+        "compared_cpu_mean_us": 1e6 * float(np.mean(ours_cpu)),
+        "speedup_vs_scan": float(np.mean(scan) / np.mean(ours)),
+        "cpu_speedup_vs_scan": float(np.mean(scan_cpu) / np.mean(ours_cpu)),
         "speedup_vs_loop_scan": float(np.mean(loop) / np.mean(ours[: len(loop)])),
         "top_tool_queries": len(on_top),
         "top_tool_speedup": float(
@@ -327,6 +357,125 @@ def _measure_child(args, db_path, queries_path, queue) -> None:
     queue.put(measure(args, db_path, queries_path))
 
 
+# --- phase 3: rollout throughput ------------------------------------------------------------------
+
+
+class _ReplayState:
+    def __init__(self, lengths: list[int]):
+        self.length = max(lengths)  # KV-cache slots used, shared by the batch as in the sampler
+
+
+class _ReplayPolicy:
+    """Stands in for the sampler: each round, every active row emits its next scripted assistant
+    turn (the reference solution's own tokens), so a rollout costs only the loop's own work and
+    its tool calls."""
+
+    def __init__(self, scripts: list[list[np.ndarray]]):
+        self.scripts = scripts
+        self.turns = [0] * len(scripts)
+        self.lengths = [0] * len(scripts)
+
+    def _emit(self, active: list[bool]) -> list:
+        from cacherl_jax.sampling.sampler import Generation
+
+        out = []
+        for row, is_active in enumerate(active):
+            ids = self.scripts[row][self.turns[row]] if is_active else np.zeros(0, np.int32)
+            logprobs = np.zeros(len(ids), np.float32)
+            out.append(Generation(ids, logprobs, logprobs, "stop" if is_active else "inactive"))
+            if is_active:
+                self.turns[row] += 1
+                self.lengths[row] += len(ids)
+        return out
+
+    def start(self, prompts, sampling, *, max_len):
+        self.lengths = [len(prompt) for prompt in prompts]
+        generations = self._emit([True] * len(prompts))
+        return _ReplayState(self.lengths), generations
+
+    def resume(self, state, new_tokens, sampling):
+        for row, tokens in enumerate(new_tokens):
+            self.lengths[row] += len(tokens)
+        generations = self._emit([bool(tokens) for tokens in new_tokens])
+        return _ReplayState(self.lengths), generations
+
+
+class _SlowTools:
+    """A task's live environment whose every call first sleeps `delay` seconds (a real tool's
+    latency: an API round trip, a database, a sandbox)."""
+
+    def __init__(self, environment, delay: float):
+        self.environment = environment
+        self.delay = delay
+
+    def execute(self, name, arguments):
+        time.sleep(self.delay)
+        return self.environment.execute(name, arguments)
+
+    def __getattr__(self, name):
+        return getattr(self.environment, name)
+
+
+def rollout_throughput(args: argparse.Namespace, workdir: str) -> dict:
+    """The same rollouts (procedural tasks' reference solutions, `--group-size` per task) through
+    `CacheAgentLoop`, answered from the tool cache and live: rollouts/s of each."""
+    from cacherl_jax.agent.environment import make_environment
+    from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig
+    from cacherl_jax.agent.procedural import (
+        generate_tasks,
+        reference_trajectory,
+        write_trajectories,
+    )
+    from cacherl_jax.chat.template import render, render_text
+    from cacherl_jax.chat.tokenizer import train_tokenizer
+
+    tasks = generate_tasks("train", args.rollout_tasks, seed=args.seed)
+    references = [reference_trajectory(task) for task in tasks]
+    texts = [render_text(r.messages, r.tools) for r in references]
+    tokenizer = train_tokenizer(texts, 1024, os.path.join(workdir, "tokenizer"), from_files=False)
+    scripts = []  # per task, its assistant turns' tokens as the model would generate them
+    for reference in references:
+        rendered = render(reference.messages, reference.tools, tokenizer)
+        generated = rendered.loss_mask > 0
+        turns = sorted(set(rendered.turn_ids[generated].tolist()))
+        scripts.append([rendered.token_ids[generated & (rendered.turn_ids == t)] for t in turns])
+    trajectories = os.path.join(workdir, "rollout_tasks.jsonl")
+    write_trajectories(trajectories, tasks)
+    cache = ToolCache(ToolCacheConfig(os.path.join(workdir, "rollouts.db"), scope_mode="scoped"))
+    build_from_trajectories(cache, [trajectories], scope_per_trajectory=True)
+
+    def run(mode: str) -> tuple[float, dict, list]:
+        config = LoopConfig(group_size=args.group_size, mode=mode, max_len=2048)
+        policy = _ReplayPolicy([turns for turns in scripts for _ in range(args.group_size)])
+        loop = CacheAgentLoop(
+            policy,
+            tokenizer,
+            cache if mode == "cache" else None,
+            config,
+            make_env=lambda task: _SlowTools(make_environment(task), args.live_delay),
+        )
+        start = time.perf_counter()
+        rollouts = loop.run(tasks, seed=args.seed)
+        return time.perf_counter() - start, loop.metrics, rollouts
+
+    run("cache")  # warm-up: imports, tokenizer caches
+    results = {}
+    for mode in ("cache", "live"):
+        seconds, metrics, rollouts = run(mode)
+        answered = sum(r.stop_reason == "answer" for r in rollouts)
+        results[mode] = {
+            "seconds": seconds,
+            "rollouts": len(rollouts),
+            "calls": sum(len(r.calls) for r in rollouts),
+            "answered": answered,
+            "tools_s": metrics["tools_s"],
+            "rounds": int(metrics["rounds"]),
+            "tiers": {t: int(metrics.get(f"calls_{t}", 0)) for t in (*tool_cache.TIERS, "live")},
+        }
+    cache.close()
+    return results
+
+
 def _percentile_us(seconds: list[float], q: float) -> float:
     return 1e6 * float(np.percentile(seconds, q)) if seconds else float("nan")
 
@@ -336,10 +485,14 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--tools", type=int, default=1000)
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of calls per tool")
-    parser.add_argument("--queries", type=int, default=2000, help="queries per set")
-    parser.add_argument("--scan-queries", type=int, default=300, help="perturbed queries scanned")
+    parser.add_argument("--queries", type=int, default=5000, help="timed queries per set")
+    parser.add_argument("--warmup", type=int, default=500, help="untimed queries per set first")
+    parser.add_argument("--scan-queries", type=int, default=1000, help="perturbed queries scanned")
     parser.add_argument("--loop-queries", type=int, default=30, help="of those, Python loop scans")
-    parser.add_argument("--exhaustive-queries", type=int, default=100)
+    parser.add_argument("--exhaustive-queries", type=int, default=300)
+    parser.add_argument("--rollout-tasks", type=int, default=32, help="0: no rollout phase")
+    parser.add_argument("--group-size", type=int, default=2, help="rollouts per task")
+    parser.add_argument("--live-delay", type=float, default=0.1, help="seconds per live call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where the database goes (default: a temporary dir)")
     args = parser.parse_args()
@@ -354,6 +507,7 @@ def main() -> None:
         child.start()
         measured = queue.get()
         child.join()
+        rollouts = rollout_throughput(args, workdir) if args.rollout_tasks else None
 
     print(
         f"{built['entries']:,} entries over {args.tools} tools (Zipf s={args.zipf}, top tool "
@@ -382,13 +536,27 @@ def main() -> None:
         "   (mean, not p50)"
     )
     print(
-        f"perturbed calls: {measured['speedup_vs_scan']:.1f}x faster than the C++ scan (CPU time "
+        f"first {args.scan_queries} perturbed calls: lookup mean "
+        f"{measured['compared_mean_us']:.1f} us (CPU {measured['compared_cpu_mean_us']:.1f}), "
+        f"scan mean {measured['scan_mean_ms']:.2f} ms (CPU {measured['scan_cpu_mean_ms']:.2f}): "
+        f"{measured['speedup_vs_scan']:.1f}x faster than the C++ scan (CPU time "
         f"{measured['cpu_speedup_vs_scan']:.1f}x; {measured['top_tool_speedup']:.1f}x on the top "
         f"tool's {measured['top_tool_queries']} queries), {measured['speedup_vs_loop_scan']:.1f}x "
         f"than a Python-loop scan; answer = the perturbed call's source "
         f"{100 * measured['fuzzy_source_found']:.1f}%, = the exhaustive best score "
         f"{100 * measured['fuzzy_best_found']:.1f}%"
     )
+    if rollouts is not None:
+        cached, live = rollouts["cache"], rollouts["live"]
+        print(
+            f"rollouts ({args.rollout_tasks} procedural tasks x {args.group_size}, reference "
+            f"solutions replayed, {cached['calls']} tool calls, {cached['rounds']} rounds): "
+            f"cache {cached['rollouts'] / cached['seconds']:,.1f}/s ({cached['seconds']:.2f} s, "
+            f"tools {cached['tools_s']:.3f} s, {cached['tiers']}), live at "
+            f"{1e3 * args.live_delay:.0f} ms/call {live['rollouts'] / live['seconds']:,.2f}/s "
+            f"({live['seconds']:.1f} s, tools {live['tools_s']:.1f} s): "
+            f"{live['seconds'] / cached['seconds']:,.0f}x"
+        )
     tiers = measured["tiers"]
     summary = {
         "entries": built["entries"],
@@ -407,6 +575,7 @@ def main() -> None:
         "perturbed_lookups_per_s": len(measured["sets"]["perturbed"]["seconds"])
         / sum(measured["sets"]["perturbed"]["seconds"]),
         "scan_mean_ms": measured["scan_mean_ms"],
+        "compared_lookup_mean_us": measured["compared_mean_us"],
         "speedup_vs_scan": measured["speedup_vs_scan"],
         "cpu_speedup_vs_scan": measured["cpu_speedup_vs_scan"],
         "speedup_vs_loop_scan": measured["speedup_vs_loop_scan"],
@@ -417,6 +586,15 @@ def main() -> None:
         "load_s": measured["load_s"],
         "index_s": measured["index_s"],
     }
+    for tier in ("exact", "fuzzy", "best_effort"):
+        seconds = tiers[tier]["seconds"]
+        summary[f"{tier}_lookups_per_s"] = len(seconds) / sum(seconds) if seconds else 0.0
+    if rollouts is not None:
+        cached, live = rollouts["cache"], rollouts["live"]
+        summary["rollouts_per_s_cache"] = cached["rollouts"] / cached["seconds"]
+        summary["rollouts_per_s_live"] = live["rollouts"] / live["seconds"]
+        summary["throughput_ratio"] = live["seconds"] / cached["seconds"]
+        summary["rollout_calls"] = cached["calls"]
     print(
         json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in summary.items()})
     )

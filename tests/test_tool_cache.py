@@ -11,6 +11,8 @@ import string
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rapidfuzz import fuzz
+from rapidfuzz.distance import Levenshtein
 
 from cacherl_jax.agent import cache_cli
 from cacherl_jax.agent import tool_cache as tc
@@ -255,14 +257,21 @@ def _brute_force_best(calls: list[dict], query: dict) -> float:
     return max(argument_similarity(canonical, call) for call in same_names)
 
 
-@pytest.mark.parametrize("indexed", [False, True], ids=["scored-whole", "indexed"])
-def test_search_finds_the_brute_force_nearest_entry(tmp_path, monkeypatch, indexed):
-    if indexed:  # force the candidate path, the trigram index and its rebuilds on a small cache
+@pytest.mark.parametrize(
+    "indexed, vectorise_above",
+    [(False, 24), (True, 10**9), (True, 0)],
+    ids=["scored-whole", "indexed", "indexed-numpy"],
+)
+def test_search_finds_the_brute_force_nearest_entry(
+    tmp_path, monkeypatch, indexed, vectorise_above
+):
+    if indexed:  # force every search step, the indexes and their rebuilds on a small cache
         monkeypatch.setattr(tc, "FULL_SCORE_MAX_ENTRIES", 0)
         monkeypatch.setattr(tc, "SMALL_VOCABULARY", 8)
         monkeypatch.setattr(tc, "REBUILD_AFTER", 16)
+        monkeypatch.setattr(tc, "FEW_SHARING", 2)
         monkeypatch.setattr(tc, "SHORTCUT_ENTRIES", 4)
-        monkeypatch.setattr(tc, "VECTORISE_ABOVE", 10**9)  # Python scoring (numpy when whole)
+        monkeypatch.setattr(tc, "VECTORISE_ABOVE", vectorise_above)  # Python or numpy scoring
     else:
         monkeypatch.setattr(tc, "FULL_SCORE_MAX_ENTRIES", 10**9)
     rng = random.Random(0)
@@ -301,6 +310,131 @@ def test_search_finds_the_brute_force_nearest_entry(tmp_path, monkeypatch, index
     assert hit.tier == "best_effort" and hit.entry is not None
     if not indexed:
         assert hit.score == pytest.approx(_brute_force_best(stored, unrelated))
+
+
+def test_edit_hashes_of_numpy_and_python_agree():
+    rng = random.Random(1)
+    alphabet = "ab c\u00e9\U0001f600\x00"
+    texts = ["", "a", *("".join(rng.choices(alphabet, k=rng.randint(0, 12))) for _ in range(500))]
+    hashes, owner = tc._edit_hash_array(texts)
+    for index, text in enumerate(texts):
+        python = tc._edit_hashes(text)
+        assert sorted(hashes[owner == index].tolist()) == sorted(python)
+        # Deleting character j gives the hash of the text without it.
+        for j in range(len(text)):
+            assert python[1 + j] == tc._edit_hashes(text[:j] + text[j + 1 :])[0]
+
+
+def _column(values):
+    column = tc._Column()
+    for value in values:
+        column.add(*tc._value(canonical_value(value)))
+    return column
+
+
+@pytest.mark.parametrize("max_length", [64, 5])  # 5: longer values are left out of the index
+def test_edit_neighbours_bound_every_value_they_do_not_return(monkeypatch, max_length):
+    """Every value within one edit is returned, and no value left out beats the bound: checked
+    against fuzz.ratio of every value, on a dense column (a 3-letter alphabet)."""
+    monkeypatch.setattr(tc, "EDIT_MAX_LENGTH", max_length)
+    rng = random.Random(2)
+    values = {"".join(rng.choices("abc", k=rng.randint(1, 8))) for _ in range(400)}
+    column = _column([*sorted(values), True, None])  # booleans, null: never text neighbours
+    added = ["abcabcab", "cc", "bacab"]  # after the index is built: compared directly
+    column.edit_neighbours("abc")
+    for value in added:
+        column.add(*tc._value(value))
+    for _ in range(200):
+        query = "".join(rng.choices("abc", k=rng.randint(1, max_length)))
+        found, bound = column.edit_neighbours(query)
+        for value_id, text in enumerate(column.texts):
+            if column.kinds[value_id] == tc._EXACT_ONLY:
+                assert value_id not in found
+                continue
+            score = fuzz.ratio(query, text)
+            if value_id in found:
+                assert found[value_id] == score
+            else:
+                assert score <= bound + 1e-9, (query, text, score, bound)
+                if len(text) <= max_length and abs(len(text) - len(query)) <= 1:
+                    assert Levenshtein.distance(query, text) > 1, (query, text)
+
+
+def test_number_neighbours_bound_every_value_they_do_not_return():
+    rng = random.Random(3)
+    values = [
+        0,
+        -5,
+        5,
+        1e-9,
+        *(round(rng.uniform(-1000, 1000), rng.randint(0, 3)) for _ in range(500)),
+    ]
+    column = _column(values)
+    assert column.number_neighbours(float("inf")) is None
+    for query in [0.0, -5.0, 2000.0, -2000.0, *(rng.uniform(-1100, 1100) for _ in range(100))]:
+        found, bound = column.number_neighbours(query)
+        for value_id, number in enumerate(column.numbers):
+            similarity = tc._number_similarity(query, number)
+            if value_id in found:
+                assert found[value_id] == pytest.approx(similarity)
+            else:
+                assert similarity <= bound
+
+
+def test_a_proven_neighbour_search_finds_the_brute_force_nearest_entry(tmp_path, monkeypatch):
+    """Step 2 of the search: when its best entry reaches the bound it must be the nearest."""
+    monkeypatch.setattr(tc, "FULL_SCORE_MAX_ENTRIES", 0)
+    rng = random.Random(4)
+    calls = [{k: v for k, v in c.items() if k != "price"} for c in _random_calls(rng, 300)]
+    cache = ToolCache(tmp_path / "cache.db")
+    cache.record_many([ToolRecord("search", call, f"r{i}") for i, call in enumerate(calls)])
+    cache.build_indexes()
+    proven = 0
+    for _ in range(300):
+        query = canonical_value(_perturb(rng, rng.choice(calls)))
+        if rng.random() < 0.3:  # both arguments changed: nothing recorded on either
+            query["mode"] = rng.choice(["fast", "slow", "exact"]) + "x"
+        block = cache._index[("", "search")].blocks[tuple(sorted(query))]
+        values = {name: tc._value(value) for name, value in sorted(query.items())}
+        recorded = {
+            name: block.columns[name].vocabulary[value[0]]
+            for name, value in values.items()
+            if value[0] in block.columns[name].vocabulary
+        }
+        upper, local_ids = block._neighbour_candidates(values, recorded, {})
+        if len(recorded) == len(values) or not local_ids:
+            continue
+        known = {name: {value_id: 100.0} for name, value_id in recorded.items()}
+        total, _ = block._best(values, local_ids, known)
+        if total >= upper - 1e-9:
+            proven += 1
+            assert total / len(values) == pytest.approx(_brute_force_best(calls, query))
+        hit = cache.lookup("search", query)
+        assert hit.score >= total / len(values) - 1e-9
+    assert proven >= 50
+
+
+def test_postings_follow_entries_added_after_they_were_built(monkeypatch):
+    monkeypatch.setattr(tc, "REBUILD_AFTER", 5)
+    rng = random.Random(5)
+    column = tc._Column()
+    held: dict[str, list[int]] = {}
+    for local_id in range(60):
+        value = rng.choice("abcdefg")
+        column.add(value, tc._TEXT, value, float("nan"))
+        held.setdefault(value, []).append(local_id)
+        if local_id in (10, 13, 40):
+            column.build_postings()
+        for other, ids in held.items():
+            value_id = column.vocabulary[other]
+            assert list(column.postings(value_id)) == ids
+            assert column.count(value_id) == len(ids)
+
+
+def test_huge_integer_arguments_are_compared_as_text(cache):
+    cache.record("f", {"n": 10**400}, "big")
+    hit = cache.lookup("f", {"n": 10**400 + 1})
+    assert hit.tier == "fuzzy" and hit.result == "big"
 
 
 # --- scopes ------------------------------------------------------------------------------------

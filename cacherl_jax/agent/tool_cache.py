@@ -15,11 +15,15 @@ Scores are on rapidfuzz's 0-100 scale: 100 for exact hits, 0 for a tool never se
 
 Entries live in SQLite (WAL, so several processes read and write one file at once; a unique
 (scope, tool, arguments) key with INSERT OR IGNORE makes the first recorded result win) and in an
-in-memory index built from it: a dict per tool for exact keys, and for fuzzy search per
-(tool, argument names) "blocks" holding, per argument, its distinct values with posting lists of
-the entries that hold them, a trigram index over string values and a sorted array of numbers.
-A fuzzy lookup scores only entries that share a near value on some argument, so its cost follows
-the number of near values, not the number of entries of the tool (see `_Block`).
+in-memory index built from it: a dict per tool for exact keys (an exact lookup is the canonical
+key and one dict lookup), and for fuzzy search per (tool, argument names) "blocks" holding, per
+argument, its distinct values with the entries that hold them (one array grouped by value), an
+index of the hashes of every text value and of its one-character deletions (`_EditIndex`: finds
+all values within one edit of a text), a trigram index over text values and a sorted array of
+numbers. A fuzzy lookup scores only entries that share the query's rare values or hold a near
+value, so its cost follows the number of near values, not the number of entries of the tool; for
+a call with one argument changed by an edit, or a number, it usually proves the entry it finds
+the nearest (see `_Block`).
 
 Scopes: each entry is stored with a scope string ("" when none is given). With
 `scope_mode="global"` every lookup sees every entry; with `"scoped"` a lookup in scope S sees only
@@ -37,6 +41,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import operator
 import os
 import sqlite3
 import threading
@@ -61,14 +66,19 @@ SCOPE_MODES = ("global", "scoped")
 
 # Search sizes of the fuzzy index. Blocks this small are scored whole (exact nearest entry).
 FULL_SCORE_MAX_ENTRIES = 32
-# String vocabularies up to this size are compared whole; larger ones go through a trigram index.
+# String vocabularies up to this size are compared whole; larger ones go through a trigram index
+# and an index of one-character deletions (`_EditIndex`).
 SMALL_VOCABULARY = 1024
+EDIT_MAX_LENGTH = 64  # longer strings are left out of the deletion index (it grows with length)
 NEAR_VALUES = 8  # nearest distinct values kept per argument
 POSTINGS_BUDGET = 1024  # entries gathered as candidates per lookup, rarest values first
 GRAM_POSTINGS_BUDGET = 8192  # trigram postings read per string value, rarest trigrams first
 RESCORE_CANDIDATES = 64  # candidates scored exactly after ranking by a partial score
-SHORTCUT_ENTRIES = 512  # entries sharing the query's rarest recorded value, scored first
-VECTORISE_ABOVE = 48  # candidates scored with numpy rather than plain Python
+FEW_SHARING = 4  # entries sharing the query's rarest recorded value, scored first
+SHORTCUT_ENTRIES = 512  # entries sharing the rarest recorded value, scored when no proof is found
+VECTORISE_ABOVE = 24  # candidates scored with numpy rather than plain Python
+LOOP_RATIOS = 12  # strings compared by a Python loop over fuzz.ratio rather than one cdist
+NEIGHBOUR_SLACK = 1.0  # how far below their bound step 2's neighbours still stand for near values
 REBUILD_AFTER = 1024  # values added since an index was built before it is rebuilt
 
 _SCHEMA = """
@@ -211,7 +221,8 @@ def _value(value: Any) -> tuple[Any, int, str, float]:
         return value, _TEXT, value, math.nan
     if value_type is int or value_type is float:
         # json writes ints and finite floats as repr does; repr is much faster.
-        text = repr(value) if math.isfinite(value) else _dumps_canonical(value)
+        finite = value_type is int or math.isfinite(value)  # isfinite(huge int) overflows
+        text = repr(value) if finite else _dumps_canonical(value)
         try:
             return ("number", text), _NUMBER, text, float(value)
         except OverflowError:  # an int beyond float range: compared as text
@@ -425,6 +436,15 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[first], inverse
 
 
+def _ratios(text: str, choices: Sequence[str]) -> np.ndarray:
+    """`fuzz.ratio(text, choice)` for each choice: a Python loop for a few (cdist costs ~4 us to
+    start), one `cdist` for more."""
+    if len(choices) <= LOOP_RATIOS:
+        ratio = fuzz.ratio
+        return np.array([ratio(text, choice) for choice in choices], dtype=np.float64)
+    return process.cdist([text], choices, scorer=fuzz.ratio, dtype=np.float64)[0]
+
+
 def _gram_codes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Character trigrams of each text (padded with \\x02 and \\x03 so short texts have some),
     as uint64 codes, with the index of the text each one came from."""
@@ -480,6 +500,133 @@ class _GramIndex:
         return value_ids
 
 
+# Polynomial string hashes mod 2**64 (each character as its code point + 1, the length mixed
+# in), which a one-character deletion updates in O(1), kept to their top 32 bits (a rare collision
+# only adds a value to compare): `_edit_hash_array` computes them for many texts with numpy,
+# `_edit_hashes` for one query in plain Python; they agree exactly.
+_MASK = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
+_BASE = 0x9E3779B97F4A7C15
+_BASE_INVERSE = pow(_BASE, -1, 1 << 64)
+_LENGTH_MIX = 0xD6E8FEB86659FD93
+_BASE_POWERS = [pow(_BASE, k, 1 << 64) for k in range(EDIT_MAX_LENGTH + 1)]
+_FACTOR = 1 - _BASE
+# _DELETION_POWERS[n][j]: the weight of character j of an n-character text, B^(n-1-j).
+_DELETION_POWERS = [_BASE_POWERS[:n][::-1] for n in range(EDIT_MAX_LENGTH + 1)]
+
+
+def _edit_hashes(text: str) -> list[int]:
+    """The hash of `text` (at most EDIT_MAX_LENGTH characters) followed by the hash of each of
+    its one-character deletions."""
+    n = len(text)
+    codes = [ord(char) + 1 for char in text]
+    prefixes, prefix = [], 0
+    for code in codes:
+        prefixes.append(prefix)
+        prefix = (prefix * _BASE + code) & _MASK
+    hashes = [((prefix + n * _LENGTH_MIX) >> 32) & _MASK32]
+    shrunk = prefix + (n - 1) * _LENGTH_MIX
+    powers = _DELETION_POWERS[n]
+    for j, code in enumerate(codes):
+        # Deleting character j: the hash less its term and with the prefix one power lower.
+        hashes.append(((shrunk + (prefixes[j] * _FACTOR - code) * powers[j]) >> 32) & _MASK32)
+    return hashes
+
+
+def _edit_hash_array(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`_edit_hashes` of every text (each at most EDIT_MAX_LENGTH characters) as one uint32 array,
+    with the index of the text each hash belongs to."""
+    u64 = np.uint64
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(u64) + u64(1)
+    longest = int(lengths.max(initial=0))
+    powers = np.ones(longest + 1, dtype=u64)
+    inverse_powers = np.ones(longest + 1, dtype=u64)
+    if longest:
+        powers[1:] = np.cumprod(np.full(longest, _BASE, dtype=u64))
+        inverse_powers[1:] = np.cumprod(np.full(longest, _BASE_INVERSE, dtype=u64))
+    owner = np.repeat(np.arange(len(texts)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    position = np.arange(len(codes)) - starts[owner]  # within its text
+    # prefix_j = sum_{i<j} c_i B^(j-1-i) = B^(j-1) * sum_{i<j} c_i B^-i, by one running sum.
+    weighted = codes * inverse_powers[position]
+    running = np.concatenate([np.zeros(1, dtype=u64), np.cumsum(weighted, dtype=u64)])
+    before = running[starts]
+    prefix = (running[:-1] - before[owner]) * powers[position] * u64(_BASE_INVERSE)
+    full = (running[starts + lengths] - before) * powers[lengths] * u64(_BASE_INVERSE)
+    text_lengths = lengths.astype(u64)
+    full_hashes = full + text_lengths * u64(_LENGTH_MIX)
+    shrunk = full[owner] + (text_lengths[owner] - u64(1)) * u64(_LENGTH_MIX)
+    tail_powers = powers[lengths[owner] - 1 - position]
+    deletions = shrunk + (prefix * u64((1 - _BASE) & _MASK) - codes) * tail_powers
+    hashes = (np.concatenate([full_hashes, deletions]) >> u64(32)).astype(np.uint32)
+    return hashes, np.concatenate([np.arange(len(texts)), owner])
+
+
+def _min_indel(query_length: int, length: int, indexed: bool) -> int:
+    """The smallest Indel distance between a query text and a value of `length` characters that
+    an `_EditIndex` search did not find (`indexed`: values of that length are in the index)."""
+    gap = abs(query_length - length)
+    if not indexed:
+        return gap or 2
+    return (4, 3, 2)[gap] if gap < 3 else gap  # found: all within 1, and same-length within 2
+
+
+class _EditIndex:
+    """The `_edit_hashes` of a column's text values (up to EDIT_MAX_LENGTH characters), sorted,
+    over its first `size` values. A query's hashes meet a value's when one is the other less a
+    character, or both less one are equal: the search finds every value within Indel distance 1
+    of the query and every value of its length within 2 (a substitution, an adjacent swap).
+    `bound` is then the highest `fuzz.ratio` any value it did not find can have, from the lengths
+    of the values (rapidfuzz's ratio is 100 * (1 - Indel distance / sum of the lengths))."""
+
+    def __init__(self, column: _Column):
+        kinds = np.frombuffer(column.kinds, dtype=np.uint8).copy()
+        self.size = len(kinds)
+        value_ids = np.flatnonzero(kinds != _EXACT_ONLY)
+        texts = [column.texts[i] for i in value_ids.tolist()]
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        short = lengths <= EDIT_MAX_LENGTH
+        hashes, owner = _edit_hash_array([text for text, s in zip(texts, short, strict=True) if s])
+        order = np.argsort(hashes)
+        hashes = hashes[order]
+        # Hashes sorted, in 2**bits buckets by their top bits (one to two per bucket): a lookup
+        # reads one bucket rather than binary-searching the whole array.
+        self.bits = min(31, max(1, len(hashes).bit_length() - 1))
+        top = (hashes >> np.uint32(32 - self.bits)).astype(np.int64)
+        starts = np.searchsorted(top, np.arange((1 << self.bits) + 1))
+        offsets = "i" if len(hashes) < 2**31 else "q"
+        self.starts = array.array(offsets, starts.astype(offsets).tobytes())
+        self.hashes = array.array("I", hashes.tobytes())
+        self.value_ids = array.array("i", value_ids[short][owner[order]].astype(np.int32).tobytes())
+        self.lengths = [(int(n), True) for n in np.unique(lengths[short])]
+        self.lengths += [(int(n), False) for n in np.unique(lengths[~short])]
+        self.bounds: dict[int, float] = {}
+
+    def neighbours(self, text: str) -> set[int]:
+        """Ids of the values the hashes of `text` meet (a rare collision adds a stray one)."""
+        hashes, value_ids, starts, shift = self.hashes, self.value_ids, self.starts, 32 - self.bits
+        found: set[int] = set()
+        for code in _edit_hashes(text):
+            bucket = code >> shift
+            for slot in range(starts[bucket], starts[bucket + 1]):
+                if hashes[slot] == code:
+                    found.add(value_ids[slot])
+        return found
+
+    def bound(self, query_length: int) -> float:
+        bound = self.bounds.get(query_length)
+        if bound is None:
+            bound = 0.0
+            for length, indexed in self.lengths:
+                total = query_length + length
+                if total:
+                    indel = _min_indel(query_length, length, indexed)
+                    bound = max(bound, 100.0 * (1.0 - indel / total))
+            self.bounds[query_length] = bound
+        return bound
+
+
 class _NumberIndex:
     """A column's numbers sorted, over its first `size` values: similarity by relative difference
     falls monotonically on each side of a number, so the nearest values sit next to it."""
@@ -498,17 +645,27 @@ class _NumberIndex:
         return self.value_ids[max(0, slot - limit) : slot + limit]
 
 
+_ONLY_TEXT, _ONLY_NUMBER = 1 << _TEXT, 1 << _NUMBER
+_NO_IDS = array.array("i")
+
+
 class _Column:
-    """One argument of a block: its distinct values (ids in order of first appearance), the
-    entries holding each value, and each entry's value id."""
+    """One argument of a block: its distinct values (ids in order of first appearance), each
+    entry's value id, and the entries holding each value ("postings", built on first use as one
+    array grouped by value id, plus lists for the entries added since)."""
 
     __slots__ = (
+        "edits",
         "entry_value_ids",
         "grams",
         "kinds",
+        "kinds_seen",
         "number_index",
         "numbers",
-        "postings",
+        "post_ids",
+        "post_starts",
+        "post_tail",
+        "post_tail_size",
         "texts",
         "vocabulary",
     )
@@ -517,29 +674,76 @@ class _Column:
         self.vocabulary: dict[Any, int] = {}
         self.texts: list[str] = []
         self.kinds = bytearray()
+        self.kinds_seen = 0  # bit set of the kinds of the values
         self.numbers = array.array("d")
-        self.postings: list[array.array] = []
         self.entry_value_ids = array.array("i")
+        # Postings: local ids grouped by value id (ascending within one) and where each value's
+        # group starts, for the entries there were when built; later entries in `post_tail`.
+        self.post_ids: array.array | None = None
+        self.post_starts = array.array("q")
+        self.post_tail: dict[int, list[int]] = {}
+        self.post_tail_size = 0
         self.grams: _GramIndex | None = None
         self.number_index: _NumberIndex | None = None
+        self.edits: _EditIndex | None = None
 
-    def add(self, key: Any, kind: int, text: str, number: float, local_id: int) -> None:
+    def add(self, key: Any, kind: int, text: str, number: float) -> None:
         value_id = self.vocabulary.get(key)
         if value_id is None:
             value_id = len(self.texts)
             self.vocabulary[key] = value_id
             self.texts.append(text)
             self.kinds.append(kind)
+            self.kinds_seen |= 1 << kind
             self.numbers.append(number)
-            self.postings.append(array.array("i"))
-        self.postings[value_id].append(local_id)
+        if self.post_ids is not None:
+            local_id = len(self.entry_value_ids)
+            tail = self.post_tail.get(value_id)
+            if tail is None:
+                self.post_tail[value_id] = [local_id]
+            else:
+                tail.append(local_id)
+            self.post_tail_size += 1
         self.entry_value_ids.append(value_id)
 
+    def build_postings(self) -> None:
+        value_ids = np.frombuffer(self.entry_value_ids, dtype=np.int32)
+        order = np.argsort(value_ids, kind="stable").astype(np.int32)
+        starts = np.zeros(len(self.texts) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(value_ids, minlength=len(self.texts)), out=starts[1:])
+        del value_ids  # release the buffer so `add` can grow the array
+        self.post_ids = array.array("i", order.tobytes())
+        self.post_starts = array.array("q", starts.tobytes())
+        self.post_tail, self.post_tail_size = {}, 0
+
+    def count(self, value_id: int) -> int:
+        """How many entries hold the value."""
+        if self.post_ids is None or self.post_tail_size > REBUILD_AFTER:
+            self.build_postings()
+        starts = self.post_starts
+        count = starts[value_id + 1] - starts[value_id] if value_id + 1 < len(starts) else 0
+        if self.post_tail_size:
+            tail = self.post_tail.get(value_id)
+            if tail:
+                count += len(tail)
+        return count
+
+    def postings(self, value_id: int) -> array.array:
+        """Local ids of the entries holding the value, ascending."""
+        if self.post_ids is None or self.post_tail_size > REBUILD_AFTER:
+            self.build_postings()
+        starts = self.post_starts
+        if value_id + 1 < len(starts):
+            ids = self.post_ids[starts[value_id] : starts[value_id + 1]]
+        else:
+            ids = _NO_IDS
+        tail = self.post_tail.get(value_id)
+        return ids + array.array("i", tail) if tail else ids
+
     def similarity(self, query: tuple[Any, int, str, float], value_id: int) -> float:
-        """`value_similarity(query, value)` for one value id, as `similarities` computes it."""
-        key, kind, text, number = query
-        if self.vocabulary.get(key) == value_id:
-            return 100.0
+        """`value_similarity(query, value)` for one value id that is not the query's own value
+        (that one scores 100: callers know it), as `similarities` computes it."""
+        _, kind, text, number = query
         value_kind = self.kinds[value_id]
         if kind == _NUMBER and value_kind == _NUMBER:
             return _number_similarity(number, self.numbers[value_id])
@@ -548,30 +752,46 @@ class _Column:
         return fuzz.ratio(text, self.texts[value_id])
 
     def similarities(self, query: tuple[Any, int, str, float], value_ids: np.ndarray) -> np.ndarray:
-        """`value_similarity(query, value)` for each value id."""
+        """`value_similarity(query, value)` for each value id (repeats allowed)."""
         key, kind, text, number = query
-        similarity = np.zeros(len(value_ids))
         if not len(value_ids):
-            return similarity
-        kinds = np.frombuffer(self.kinds, dtype=np.uint8)[value_ids]
-        if kind != _EXACT_ONLY:
-            as_text = kinds == _TEXT
-            if kind == _NUMBER:
-                numeric = kinds == _NUMBER
-                numbers = np.frombuffer(self.numbers, dtype=np.float64)[value_ids[numeric]]
-                similarity[numeric] = _number_similarities(number, numbers)
-            else:
-                as_text |= kinds == _NUMBER
-            positions = np.flatnonzero(as_text)
-            if len(positions):
-                texts = [self.texts[i] for i in value_ids[positions].tolist()]
-                similarity[positions] = process.cdist(
-                    [text], texts, scorer=fuzz.ratio, dtype=np.float64
-                )[0]
+            return np.zeros(0)
+        if kind == _TEXT and self.kinds_seen == _ONLY_TEXT:  # the usual cases, without masks
+            similarity = _ratios(text, self._texts(value_ids))
+        elif kind == _NUMBER and self.kinds_seen == _ONLY_NUMBER:
+            numbers = np.frombuffer(self.numbers, dtype=np.float64)[value_ids]
+            similarity = _number_similarities(number, numbers)
+        else:
+            similarity = np.zeros(len(value_ids))
+            if kind != _EXACT_ONLY:
+                kinds = np.frombuffer(self.kinds, dtype=np.uint8)[value_ids]
+                as_text = kinds == _TEXT
+                if kind == _NUMBER:
+                    numeric = kinds == _NUMBER
+                    numbers = np.frombuffer(self.numbers, dtype=np.float64)[value_ids[numeric]]
+                    similarity[numeric] = _number_similarities(number, numbers)
+                else:
+                    as_text |= kinds == _NUMBER
+                positions = np.flatnonzero(as_text)
+                if len(positions):
+                    similarity[positions] = _ratios(text, self._texts(value_ids[positions]))
         query_id = self.vocabulary.get(key)
         if query_id is not None:
             similarity[value_ids == query_id] = 100.0
         return similarity
+
+    def _texts(self, value_ids: np.ndarray) -> Sequence[str]:
+        if len(value_ids) == 1:
+            return [self.texts[int(value_ids[0])]]
+        return operator.itemgetter(*value_ids.tolist())(self.texts)
+
+    def _added_since(self, built: int, kind: int) -> np.ndarray:
+        """Ids of the values added since an index over the first `built` was made that a query
+        of `kind` is compared with."""
+        kinds = np.frombuffer(self.kinds, dtype=np.uint8)[built:]
+        comparable = kinds == _NUMBER if kind == _NUMBER else kinds != _EXACT_ONLY
+        del kinds  # release the buffer so `add` can grow the bytearray
+        return built + np.flatnonzero(comparable)
 
     def near(self, query: tuple[Any, int, str, float], limit: int) -> dict[int, float]:
         """Up to `limit` values most similar to `query`, {value id: similarity}: all values
@@ -593,10 +813,7 @@ class _Column:
                 self.grams = _GramIndex(self)
             built, found = self.grams.size, self.grams.candidates(text, 2 * limit)
         if built < size:  # values added since the index was built (all, for small vocabularies)
-            kinds = np.frombuffer(self.kinds, dtype=np.uint8)[built:]
-            comparable = kinds == _NUMBER if kind == _NUMBER else kinds != _EXACT_ONLY
-            del kinds  # release the buffer so `add` can grow the bytearray
-            found = np.concatenate([found, built + np.flatnonzero(comparable)])
+            found = np.concatenate([found, self._added_since(built, kind)])
         if not len(found):
             return {}
         similarity = self.similarities(query, found)
@@ -605,22 +822,76 @@ class _Column:
             found, similarity = found[best], similarity[best]
         return dict(zip(found.tolist(), similarity.tolist(), strict=True))
 
+    def number_neighbours(self, number: float) -> tuple[dict[int, float], float] | None:
+        """`edit_neighbours` for a number in a column of numbers: the NEAR_VALUES nearest values
+        on each side in sorted order, the bound being the better of the next value on either side
+        (similarity falls monotonically away from the number). None for a number that is not
+        finite."""
+        if not math.isfinite(number):
+            return None
+        size = len(self.texts)
+        index = self.number_index
+        if index is None or size - index.size > REBUILD_AFTER:
+            index = self.number_index = _NumberIndex(self)
+        numbers = index.numbers
+        slot = int(np.searchsorted(numbers, number))
+        start, stop = max(0, slot - NEAR_VALUES), slot + NEAR_VALUES
+        bound = 0.0
+        if start > 0:
+            bound = _number_similarity(number, float(numbers[start - 1]))
+        if stop < len(numbers):
+            bound = max(bound, _number_similarity(number, float(numbers[stop])))
+        found = index.value_ids[start:stop]
+        if index.size < size:
+            found = np.concatenate([found, self._added_since(index.size, _NUMBER)])
+        similarity = _number_similarities(number, np.frombuffer(self.numbers, np.float64)[found])
+        return dict(zip(found.tolist(), similarity.tolist(), strict=True)), bound
+
+    def edit_neighbours(self, text: str) -> tuple[dict[int, float], float]:
+        """({value id: similarity} of the values within one edit of `text`, bound): no other value
+        of the column is more similar than `bound` (see `_EditIndex`). The values added since the
+        index was built are all compared."""
+        size = len(self.texts)
+        if self.edits is None or size - self.edits.size > REBUILD_AFTER:
+            self.edits = _EditIndex(self)
+        bound = self.edits.bound(len(text))
+        found = self.edits.neighbours(text)
+        if self.edits.size < size:
+            found.update(self._added_since(self.edits.size, _TEXT).tolist())
+        neighbours = {}
+        texts, kinds, ratio = self.texts, self.kinds, fuzz.ratio
+        for value_id in found:
+            if kinds[value_id] != _EXACT_ONLY:
+                neighbours[value_id] = ratio(text, texts[value_id])
+        return neighbours, bound
+
 
 class _Block:
     """The entries of one tool (in one partition) with one set of argument names.
 
-    Search, for a block too large to score whole (FULL_SCORE_MAX_ENTRIES):
-    1. If at most SHORTCUT_ENTRIES entries hold the query's least common recorded value (the
-       usual case when one argument of a recorded call was changed), those are scored and the best
+    Search, for a block too large to score whole (FULL_SCORE_MAX_ENTRIES), with the query's
+    recorded values (those some entry holds) and the entries found so far:
+    1. If at most FEW_SHARING entries hold the query's least common recorded value (the usual
+       case when one argument of a recorded call was changed), those are scored and the best
        answers if it reaches the fuzzy threshold.
-    2. Otherwise, per query argument, the candidate values are the query's own value when recorded
+    2. If every argument that is not recorded is a text (up to EDIT_MAX_LENGTH characters) or a
+       number in a column of numbers, its neighbour values are looked up (those within one edit,
+       by `_EditIndex`; the nearest numbers on each side) and the entries holding them scored. An
+       entry not found has, on each such argument, at most the lookup's bound and on the others
+       at most 100: when the best found reaches that sum it is the nearest entry, proven, and
+       answers.
+    3. If at most SHORTCUT_ENTRIES entries hold the least common recorded value, they are scored
+       and the best answers if it reaches the fuzzy threshold.
+    4. Otherwise, per query argument, the candidate values are the query's own value when recorded
        (unless so common that it says little) or else its NEAR_VALUES nearest values (all values
        compared for small vocabularies, a trigram index for large ones, sorted order for numbers).
        The entries holding them, rarest values first up to POSTINGS_BUDGET, are ranked by the
        similarities those lists give and the best RESCORE_CANDIDATES are scored exactly.
-    The answer is the best entry scored. It is the true nearest entry unless none of that entry's
-    values is among the candidates (or, in step 1, a better entry does not share the rare value):
-    on the benchmark, 96-99% of perturbed calls get the exhaustive best score.
+    The answer is the best entry scored. It is the true nearest entry when step 2 proves it, and
+    otherwise unless none of that entry's values is among the candidates (or, in steps 1 and 3, a
+    better entry does not share the rare value): on the benchmark 99.6% of perturbed calls get the
+    exhaustive best score (the others: a number moved, answered in step 1 or 3 by the entry that
+    shares the other values, where one with two numbers a little off scores higher).
     """
 
     __slots__ = ("columns", "names", "rows")
@@ -631,102 +902,211 @@ class _Block:
         self.columns = {name: _Column() for name in names}
 
     def add(self, arguments: Mapping[str, Any], entry_index: int) -> None:
-        local_id = len(self.rows)
         self.rows.append(entry_index)
         for name, column in self.columns.items():
             value = arguments[name]
             if type(value) is str:  # the common case, without building a tuple
-                column.add(value, _TEXT, value, math.nan, local_id)
+                column.add(value, _TEXT, value, math.nan)
             else:
-                column.add(*_value(value), local_id)
+                column.add(*_value(value))
+
+    def build_indexes(self) -> None:
+        if len(self.rows) <= FULL_SCORE_MAX_ENTRIES:
+            return
+        for column in self.columns.values():
+            column.build_postings()
+            if _NUMBER in column.kinds:
+                column.number_index = _NumberIndex(column)
+            if column.kinds_seen & _ONLY_TEXT:
+                column.edits = _EditIndex(column)
+                if len(column.texts) > SMALL_VOCABULARY:
+                    column.grams = _GramIndex(column)
 
     def search(
         self, query: dict[str, tuple], union_size: int, good_enough: float
     ) -> tuple[float, int]:
         """(score, entry index) of the best entry found for the query values of shared names;
-        ties go to the earliest entry. When the entries sharing the query's rarest recorded value
-        hold one scoring `good_enough`, the best of those answers without a near-value search."""
-        if len(self.rows) <= FULL_SCORE_MAX_ENTRIES:
-            total, local_id = self._best(query, list(range(len(self.rows))), {})
-            return total / union_size, self.rows[local_id]
-        known: dict[str, dict[int, float]] = {}
-        sharing = self._sharing_rarest_value(query, known)
-        if sharing:
-            total, local_id = self._best(query, sharing, known)
-            if total / union_size >= good_enough:
-                return total / union_size, self.rows[local_id]
-        total, local_id = self._best(query, self._candidates(query, known), known)
-        return total / union_size, self.rows[local_id]
+        ties go to the earliest entry found. When the entries sharing the query's rarest recorded
+        value hold one scoring `good_enough`, the best of those answers without a further
+        search."""
+        rows = self.rows
+        columns = self.columns
+        recorded: dict[str, int] = {}  # name -> value id of the query's value, where recorded
+        for name, value in query.items():
+            value_id = columns[name].vocabulary.get(value[0])
+            if value_id is not None:
+                recorded[name] = value_id
+        # Similarities computed, per name and value id: 100 for the query's own values.
+        known = {name: {value_id: 100.0} for name, value_id in recorded.items()}
+        if len(rows) <= FULL_SCORE_MAX_ENTRIES:
+            total, local_id = self._best(query, range(len(rows)), known)
+            return total / union_size, rows[local_id]
+        rarest, rarest_count = "", 0
+        for name, value_id in recorded.items():
+            count = columns[name].count(value_id)
+            if not rarest or count < rarest_count:
+                rarest, rarest_count = name, count
 
-    def _best_of_many(self, query: dict[str, tuple], local_ids: np.ndarray) -> tuple[float, int]:
+        best = (-1.0, 0)  # (summed similarity, local id)
+        if rarest and rarest_count <= FEW_SHARING:  # step 1
+            local_ids = columns[rarest].postings(recorded[rarest])
+            if rarest_count == 1:  # the usual case, without `_best`'s bookkeeping
+                (local_id,) = local_ids
+                total = 0.0
+                for name, value in query.items():
+                    column = columns[name]
+                    value_id = column.entry_value_ids[local_id]
+                    if recorded.get(name) == value_id:
+                        total += 100.0
+                    else:
+                        total += column.similarity(value, value_id)
+                best = (total, local_id)
+            else:
+                best = self._best(query, local_ids, known)
+            if best[0] / union_size >= good_enough:
+                return best[0] / union_size, rows[best[1]]
+        neighbours: dict[str, tuple[dict[int, float], float]] = {}
+        if len(recorded) < len(query):  # step 2
+            upper, local_ids = self._neighbour_candidates(query, recorded, neighbours)
+            for name, (found, _) in neighbours.items():
+                known.setdefault(name, {}).update(found)
+            if local_ids:
+                best = _better(best, self._best(query, local_ids, known))
+            if best[0] >= upper - 1e-9:
+                return best[0] / union_size, rows[best[1]]
+        if rarest and FEW_SHARING < rarest_count <= SHORTCUT_ENTRIES:  # step 3
+            local_ids = self.columns[rarest].postings(recorded[rarest])
+            if rarest_count <= VECTORISE_ABOVE:
+                best = _better(best, self._best(query, local_ids, known))
+            else:
+                local_ids = np.frombuffer(local_ids, dtype=np.int32)
+                best = _better(best, self._best_of_many(query, local_ids, rarest))
+            if best[0] / union_size >= good_enough:
+                return best[0] / union_size, rows[best[1]]
+        local_ids = self._candidates(query, recorded, neighbours, known)
+        best = _better(best, self._best(query, local_ids, known))
+        return best[0] / union_size, rows[best[1]]
+
+    def _neighbour_candidates(
+        self,
+        query: dict[str, tuple],
+        recorded: dict[str, int],
+        neighbours: dict[str, tuple[dict[int, float], float]],
+    ) -> tuple[float, list[int]]:
+        """(upper bound, ascending local ids) for step 2 of the search: the entries holding a
+        neighbour value (`edit_neighbours`, `number_neighbours`: stored in `neighbours` per name,
+        with their bound) more similar than the bound on some argument that is not recorded, and
+        the highest summed similarity any other entry can have. The bound is infinite when an
+        argument that is not recorded is neither a text nor a number in a column of numbers, and
+        no entries are returned when there would be more than POSTINGS_BUDGET."""
+        upper = 100.0 * len(recorded)
+        for name, value in query.items():
+            if name in recorded:
+                continue
+            column = self.columns[name]
+            kind, text = value[1], value[2]
+            found = None
+            if kind == _NUMBER and column.kinds_seen == _ONLY_NUMBER:
+                found = column.number_neighbours(value[3])
+            elif (
+                kind == _TEXT
+                and 0 < len(text) <= EDIT_MAX_LENGTH
+                and column.kinds_seen & _ONLY_TEXT
+            ):
+                found = column.edit_neighbours(text)
+            if found is None:
+                return math.inf, []
+            neighbours[name] = found
+            upper += found[1]
+        chosen: set[int] = set()
+        for name, (found, bound) in neighbours.items():
+            column = self.columns[name]
+            for value_id, similarity in found.items():
+                if similarity > bound:  # the others count no more than the bound
+                    chosen.update(column.postings(value_id))
+                    if len(chosen) > POSTINGS_BUDGET:
+                        return math.inf, []
+        return upper, sorted(chosen)
+
+    def _best_of_many(
+        self, query: dict[str, tuple], local_ids: np.ndarray, holding: str = ""
+    ) -> tuple[float, int]:
+        """`_best` with numpy; every entry holds the query's value of the name `holding`."""
         total = np.zeros(len(local_ids))
         for name, value in query.items():
+            if name == holding:
+                total += 100.0
+                continue
             column = self.columns[name]
             value_ids = np.frombuffer(column.entry_value_ids, dtype=np.int32)[local_ids]
-            unique_ids, inverse = _unique_inverse(value_ids)
-            total += column.similarities(value, unique_ids)[inverse]
-        best = int(np.argmax(total))  # the first maximum
+            if len(column.texts) > SMALL_VOCABULARY or column.kinds_seen == _ONLY_NUMBER:
+                total += column.similarities(value, value_ids)  # few repeats: each one
+            else:
+                unique_ids, inverse = _unique_inverse(value_ids)
+                total += column.similarities(value, unique_ids)[inverse]
+        best = int(total.argmax())  # the first maximum
         return float(total[best]), int(local_ids[best])
 
-    def _sharing_rarest_value(
-        self, query: dict[str, tuple], known: dict[str, dict[int, float]]
-    ) -> list[int]:
-        """The entries holding the query's least common recorded value, if at most
-        SHORTCUT_ENTRIES do."""
-        rarest: array.array | None = None
-        for name, value in query.items():
-            column = self.columns[name]
-            value_id = column.vocabulary.get(value[0])
-            if value_id is not None:
-                known.setdefault(name, {})[value_id] = 100.0
-                postings = column.postings[value_id]
-                if rarest is None or len(postings) < len(rarest):
-                    rarest = postings
-        return rarest.tolist() if rarest is not None and len(rarest) <= SHORTCUT_ENTRIES else []
-
     def _best(
-        self, query: dict[str, tuple], local_ids: list[int], known: dict[str, dict[int, float]]
+        self,
+        query: dict[str, tuple],
+        local_ids: Sequence[int],
+        known: dict[str, dict[int, float]],
     ) -> tuple[float, int]:
         """(summed similarity, local id) of the best of some entries (ascending ids, so ties keep
-        the earliest). Plain Python for a few entries, reusing the similarities already known;
-        numpy for many, where Python's per-entry work would dominate."""
+        the earliest). Plain Python for a few entries, reusing the similarities already known
+        (`known` holds 100 for the query's own value wherever it is recorded); numpy for many,
+        where Python's per-entry work would dominate."""
         if len(local_ids) > VECTORISE_ABOVE:
-            return self._best_of_many(query, np.array(local_ids))
-        totals = [0.0] * len(local_ids)
+            return self._best_of_many(query, np.asarray(local_ids, dtype=np.intp))
+        columns = []
         for name, value in query.items():
-            column = self.columns[name]
-            memo = known.setdefault(name, {})
-            entry_value_ids = column.entry_value_ids
-            value_ids = [entry_value_ids[local_id] for local_id in local_ids]
-            missing = [value_id for value_id in set(value_ids) if value_id not in memo]
-            if len(missing) > 4:  # one rapidfuzz call for many
-                similarity = column.similarities(value, np.array(missing)).tolist()
-                memo.update(zip(missing, similarity, strict=True))
-            else:
-                memo.update((value_id, column.similarity(value, value_id)) for value_id in missing)
-            totals = [total + memo[i] for total, i in zip(totals, value_ids, strict=True)]
-        best = max(range(len(totals)), key=totals.__getitem__)
-        return totals[best], local_ids[best]
+            memo = known.get(name)
+            if memo is None:
+                memo = known[name] = {}
+            columns.append((self.columns[name], value, memo))
+        best_total, best_id = -1.0, 0
+        for local_id in local_ids:
+            total = 0.0
+            for column, value, memo in columns:
+                value_id = column.entry_value_ids[local_id]
+                similarity = memo.get(value_id)
+                if similarity is None:
+                    similarity = memo[value_id] = column.similarity(value, value_id)
+                total += similarity
+            if total > best_total:
+                best_total, best_id = total, local_id
+        return best_total, best_id
 
-    def _candidates(self, query: dict[str, tuple], known: dict[str, dict[int, float]]) -> list[int]:
-        """Ascending local ids to score; adds the similarities it computes to `known`."""
+    def _candidates(
+        self,
+        query: dict[str, tuple],
+        recorded: dict[str, int],
+        neighbours: dict[str, tuple[dict[int, float], float]],
+        known: dict[str, dict[int, float]],
+    ) -> list[int]:
+        """Ascending local ids to score (step 4); adds the similarities it computes to `known`.
+        The near values of an argument are its step 2 neighbours when the best of them comes
+        within NEIGHBOUR_SLACK of their bound (no other value is more similar by more than that),
+        else those of `_Column.near`."""
         lists: list[tuple[float, int, str, int]] = []  # similarity, postings, name, value id
         common: tuple[int, str, int] | None = None  # the least common over-budget exact value
         for name, value in query.items():
             column = self.columns[name]
-            value_id = column.vocabulary.get(value[0])
+            value_id = recorded.get(name)
             if value_id is not None:
-                known.setdefault(name, {})[value_id] = 100.0
-                count = len(column.postings[value_id])
+                count = column.count(value_id)
                 if count <= POSTINGS_BUDGET:
                     lists.append((100.0, count, name, value_id))
                 elif common is None or count < common[0]:
                     common = (count, name, value_id)
                 continue
-            near = column.near(value, NEAR_VALUES)
-            known.setdefault(name, {}).update(near)
+            near, bound = neighbours.get(name, ({}, math.inf))
+            if not near or max(near.values()) < bound - NEIGHBOUR_SLACK:
+                near = column.near(value, NEAR_VALUES)
+                known.setdefault(name, {}).update(near)
             lists.extend(
-                (similarity, len(column.postings[value_id]), name, value_id)
+                (similarity, column.count(value_id), name, value_id)
                 for value_id, similarity in near.items()
             )
         lists.sort(key=lambda item: (-item[0], item[1]))
@@ -735,12 +1115,12 @@ class _Block:
         for _, count, name, value_id in lists:
             if chosen and len(chosen) + count > POSTINGS_BUDGET:
                 break
-            chosen.update(self.columns[name].postings[value_id])
+            chosen.update(self.columns[name].postings(value_id))
         if not chosen:  # only very common values: a slice of the least common one, or entry 0
             if common is None:
                 return [0]
             _, name, value_id = common
-            chosen.update(self.columns[name].postings[value_id][:POSTINGS_BUDGET])
+            chosen.update(self.columns[name].postings(value_id)[:POSTINGS_BUDGET])
         if len(chosen) <= RESCORE_CANDIDATES:
             return sorted(chosen)
         return self._rank(np.array(sorted(chosen)), known)
@@ -759,6 +1139,13 @@ class _Block:
             partial += np.where(value_ids[slots] == held, similarity[slots], 0.0)
         cut = np.partition(partial, -RESCORE_CANDIDATES)[-RESCORE_CANDIDATES]
         return local_ids[partial >= cut][: 2 * RESCORE_CANDIDATES].tolist()
+
+
+def _better(a: tuple[float, int], b: tuple[float, int]) -> tuple[float, int]:
+    """The higher of two (summed similarity, local id), the earlier entry on a tie."""
+    if b[0] > a[0] or (b[0] == a[0] and b[1] < a[1]):
+        return b
+    return a
 
 
 @dataclasses.dataclass
@@ -795,6 +1182,7 @@ class ToolCache:
             config = ToolCacheConfig(path=os.fspath(config))
         self.config = config
         self.path = config.path
+        self._scoped = config.scope_mode == "scoped"
         self._lock = threading.RLock()
         self._connection = self._connect(create)
         # Entries in rowid order, column by column (less memory than one object per entry).
@@ -962,13 +1350,7 @@ class ToolCache:
             for tool_index in self._index.values():
                 tool_index.index_pending(self._keys)
                 for block in tool_index.blocks.values():
-                    if len(block.rows) <= FULL_SCORE_MAX_ENTRIES:
-                        continue
-                    for column in block.columns.values():
-                        if _NUMBER in column.kinds:
-                            column.number_index = _NumberIndex(column)
-                        if len(column.texts) > SMALL_VOCABULARY and _TEXT in column.kinds:
-                            column.grams = _GramIndex(column)
+                    block.build_indexes()
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -1003,14 +1385,15 @@ class ToolCache:
         schema) shapes the "no recorded result" response when the tool has no entries; otherwise
         a schema stored by `register_tools` is used."""
         canonical, key = canonical_arguments(arguments)
+        partition = (scope or "") if self._scoped else ""
         with self._lock:
-            tool_index = self._index.get((self._partition(scope), tool))
+            tool_index = self._index.get((partition, tool))
             if tool_index is not None:
                 entry_index = tool_index.exact.get(key)
-                if entry_index is not None:
+                if entry_index is not None:  # the exact tier: one dict lookup
                     self._counts["exact"] += 1
                     entry = self._entry(entry_index)
-                    return CacheHit(entry.result, "exact", 100.0, entry)
+                    return tuple.__new__(CacheHit, (entry[4], "exact", 100.0, entry))
                 score, entry_index, same_names = self._nearest(tool_index, canonical)
                 tier: Tier = (
                     "fuzzy"
@@ -1018,7 +1401,8 @@ class ToolCache:
                     else "best_effort"
                 )
                 self._counts[tier] += 1
-                return CacheHit(self._results[entry_index], tier, score, self._entry(entry_index))
+                entry = self._entry(entry_index)
+                return tuple.__new__(CacheHit, (entry[4], tier, score, entry))
             self._counts["best_effort"] += 1
             self._counts["unseen_tool"] += 1
             known = self._schemas.get(tool)
@@ -1034,11 +1418,14 @@ class ToolCache:
         if tool_index.pending:
             tool_index.index_pending(self._keys)
         names = tuple(sorted(canonical))
-        query = {name: _value(canonical[name]) for name in names}
+        query = {}
+        for name in names:
+            value = canonical[name]
+            query[name] = (value, _TEXT, value, math.nan) if type(value) is str else _value(value)
         block = tool_index.blocks.get(names)
         if block is not None:
-            threshold = self.config.fuzzy_threshold
-            return (*block.search(query, max(len(names), 1), threshold), True)
+            score, entry_index = block.search(query, len(names) or 1, self.config.fuzzy_threshold)
+            return score, entry_index, True
 
         # Other argument names: the block sharing the most names (then the largest) answers,
         # scored over the names of both (a missing name scores 0), and never as fuzzy.
