@@ -11,18 +11,27 @@ The run directory gets the data, the tokenizer, each stage's metrics and checkpo
 cache, `report.md` (the stage table) with `stages.json`, and plots of the GRPO run (reward by
 tier, tier hit rates, KL, response length). Sized for ~15 minutes on 2 CPU cores; every size is
 a flag.
+
+`run()`'s keyword options also run the ablations of `experiments/reproduce_paper.py`: without the
+teacher's reasoning, without thinking, with GRPO config overrides (exact-only cache, fixed-weight
+reward, no KL), SFT only, and an SFT stage reused from another run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 
+from cacherl_jax.agent.loop import LoopConfig
 from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
 from cacherl_jax.chat import load_tokenizer
 from cacherl_jax.data.thinking import augment
@@ -58,8 +67,10 @@ def _log(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _eval_stage(checkpoint: Path, tasks, seed: int) -> dict[str, float]:
-    metrics, _ = evaluate_checkpoint(str(checkpoint), tasks, seed=seed)
+def _eval_stage(
+    checkpoint: Path, tasks, seed: int, loop_config: LoopConfig | None = None
+) -> dict[str, float]:
+    metrics, _ = evaluate_checkpoint(str(checkpoint), tasks, seed=seed, loop_config=loop_config)
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -125,6 +136,98 @@ def plot_grpo(run_dir: Path, out_dir: Path) -> list[Path]:
     return written
 
 
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None, *, name: str = "config"
+) -> ml_collections.ConfigDict:
+    """Sets dotted `overrides` ({"grpo.beta": 0.0, "reward.tier_aware": False}) on an
+    ml-collections config in place, as `--config.FIELD=VALUE` would. Every field must already exist
+    (a typo is a KeyError, not a new field) and keeps its type (a wrong type is a TypeError)."""
+    for dotted, value in (overrides or {}).items():
+        *sections, field = dotted.split(".")
+        node = config
+        for section in sections:
+            child = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                raise KeyError(f"{name} override {dotted!r}: there is no section {section!r}")
+            node = child
+        if field not in node:
+            raise KeyError(
+                f"{name} override {dotted!r}: there is no field {field!r} "
+                f"(fields there: {', '.join(sorted(node.keys()))})"
+            )
+        node[field] = value
+    return config
+
+
+def _checkpoint_digest(checkpoint: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def evaluate_stage(
+    checkpoint: str | Path,
+    tasks,
+    seed: int,
+    loop_config: LoopConfig | None = None,
+    *,
+    memo: bool = False,
+) -> dict[str, float]:
+    """`eval/`-prefixed metrics of an HF checkpoint on `tasks` (greedy, live tools, the default
+    reward). `loop_config` None: `evaluate_checkpoint`'s own loop settings.
+
+    memo: the result is remembered in `stage_eval.json` beside the checkpoint directory, keyed by
+    the checkpoint's files, the tasks, the seed and the loop settings, so a later run evaluating
+    the same model the same way (an ablation reusing an SFT stage) reads it instead of
+    recomputing it."""
+    checkpoint = Path(checkpoint)
+    if not memo:
+        return _eval_stage(checkpoint, tasks, seed, loop_config)
+    identity = {
+        "checkpoint": _checkpoint_digest(checkpoint),
+        "tasks": [task.to_dict() for task in tasks],
+        "seed": seed,
+        "loop": None if loop_config is None else dataclasses.asdict(loop_config),
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    memo_path = checkpoint.parent / "stage_eval.json"
+    memos = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    if key in memos:
+        _log(f"{checkpoint}: evaluated before with the same settings ({memo_path})")
+        return memos[key]
+    metrics = _eval_stage(checkpoint, tasks, seed, loop_config)
+    memos[key] = metrics
+    partial = memo_path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(memos, indent=2))
+    partial.replace(memo_path)
+    return metrics
+
+
+def _with_last_logged(run_dir: Path, summary: dict[str, Any], key: str) -> dict[str, Any]:
+    """A training summary completed with the last logged record holding `key`: a rerun of a
+    finished run only re-exports it and returns no final metrics."""
+    if key in summary:
+        return summary
+    records = [r for r in read_metrics(run_dir) if key in r]
+    return {**(records[-1] if records else {}), **summary}
+
+
+def _final_grpo_eval(run_dir: Path, summary: dict[str, Any]) -> dict[str, float]:
+    """The validation after the last GRPO step: from the summary, or -- for a run that had already
+    finished, which `grpo.train` only re-exports -- from its metrics log."""
+    if "eval_after" in summary:
+        return summary["eval_after"]
+    records = [r for r in read_metrics(run_dir) if "eval/reward/total" in r]
+    if not records:
+        raise RuntimeError(f"{run_dir}: the GRPO run logged no validation")
+    return {k: v for k, v in records[-1].items() if k.startswith("eval/")}
+
+
+EVAL_LOOPS = ("default", "grpo")
+
+
 def run(
     workdir: str | Path,
     *,
@@ -134,7 +237,41 @@ def run(
     grpo_steps: int = 16,
     seed: int = 0,
     teacher: str = "template",
+    reasoning: bool = True,
+    thinking: bool = True,
+    sft_overrides: Mapping[str, Any] | None = None,
+    grpo_overrides: Mapping[str, Any] | None = None,
+    run_grpo: bool = True,
+    sft_dir_reuse: str | Path | None = None,
+    eval_base: bool = True,
+    eval_loop: str = "default",
+    eval_memo: bool = False,
 ) -> dict[str, Any]:
+    """The pipeline (defaults: what `cacherl demo` runs), or one variant of it.
+
+    reasoning: False trains SFT on the reference trajectories as generated (no reasoning), without
+        the teacher's augmentation.
+    thinking: False drops every thinking block: the SFT data carries no reasoning (the augmentation
+        keeps all records without thinking, `rules.no_thinking_share=1`) and is rendered, sampled
+        and evaluated with `enable_thinking=False` (`data.enable_thinking` of the SFT config,
+        `loop.enable_thinking` of the GRPO config).
+    sft_overrides, grpo_overrides: dotted config fields set last (`apply_overrides`), e.g.
+        {"reward.tier_aware": False, "grpo.beta": 0.0, "cache.fuzzy_threshold": 100.0}.
+    run_grpo: False stops after SFT (no GRPO stage).
+    sft_dir_reuse: an SFT run directory (`<workdir>/sft` of an earlier run with the same seed and
+        thinking setting) used instead of training one; its training data is the GRPO stage's task
+        set and cache source. Nothing is generated, augmented or trained before the evaluations
+        (`reasoning`, `teacher`, `train_tasks`, `sft_steps` and `sft_overrides` do not apply).
+    eval_base: False skips the base (random) model's stage.
+    eval_loop: "default" evaluates base and SFT with `evaluate_checkpoint`'s loop settings and
+        takes the GRPO stage from the GRPO run's own validation (the demo); "grpo" evaluates every
+        stage alike, through `evaluate_stage` with the GRPO config's evaluation loop
+        (`grpo.loop_config(config, evaluation=True)`: its turn, token and length limits), the
+        GRPO run's own validation switched off (`eval_tasks.n=0`).
+    eval_memo: remember each stage's evaluation beside its checkpoint (`evaluate_stage(memo=)`).
+    """
+    if eval_loop not in EVAL_LOOPS:
+        raise ValueError(f"eval_loop must be one of {EVAL_LOOPS}, got {eval_loop!r}")
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -145,70 +282,148 @@ def run(
         return time.perf_counter()
 
     t = time.perf_counter()
-    data = workdir / "data"
-    data.mkdir(exist_ok=True)
-    raw_path, train_path = data / "train.raw.jsonl", data / "train.jsonl"
-    tasks = generate_tasks("train", train_tasks, seed)
-    write_trajectories(raw_path, tasks, reasoning=False)
-    validation = generate_tasks("validation", val_tasks, seed)
-    _log(f"{len(tasks)} reference trajectories -> {raw_path}; {len(validation)} validation tasks")
-    t = lap("data_s", t)
+    augment_summary = None
+    sft_summary: dict[str, Any] = {}
+    if sft_dir_reuse is None:
+        data = workdir / "data"
+        data.mkdir(exist_ok=True)
+        raw_path, train_path = data / "train.raw.jsonl", data / "train.jsonl"
+        tasks = generate_tasks("train", train_tasks, seed)
+        write_trajectories(raw_path, tasks, reasoning=False)
+        validation = generate_tasks("validation", val_tasks, seed)
+        _log(
+            f"{len(tasks)} reference trajectories -> {raw_path}; {len(validation)} validation tasks"
+        )
+        t = lap("data_s", t)
 
-    # Knowledge transfer: reasoning for every step (the offline template teacher by default).
-    augment_config = load_config("augment", teacher)
-    augment_config.input.spec = str(raw_path)
-    augment_config.output = str(train_path)
-    augment_summary = augment(augment_config, progress=False)
-    _log(f"reasoning added ({teacher} teacher) -> {train_path}")
-    t = lap("augment_s", t)
+        if reasoning:
+            # Knowledge transfer: reasoning for every step (the offline template teacher by
+            # default); without thinking every record is kept without it.
+            augment_config = load_config("augment", teacher)
+            augment_config.input.spec = str(raw_path)
+            augment_config.output = str(train_path)
+            if not thinking:
+                augment_config.rules.no_thinking_share = 1.0
+            augment_summary = augment(augment_config, progress=False)
+            _log(f"reasoning added ({teacher} teacher) -> {train_path}")
+            t = lap("augment_s", t)
+        else:
+            train_path = raw_path
+            _log(
+                f"no teacher reasoning: SFT on the reference trajectories as generated ({raw_path})"
+            )
 
-    # SFT (trains the tokenizer on the data first).
-    config = load_config("sft", "tiny")
-    config.seed = seed
-    config.data.train = str(train_path)
-    config.train.steps = sft_steps
-    config.train.checkpoint_every = max(sft_steps // 2, 1)
-    _log(f"SFT: {sft_steps} steps of {config.data.batch_size} x {config.data.seq_len} tokens")
-    sft_summary = sft.train(config, workdir / "sft", progress=True)
-    sft_hf = workdir / "sft" / "hf"
-    t = lap("sft_s", t)
+        # SFT (trains the tokenizer on the data first).
+        config = load_config("sft", "tiny")
+        config.seed = seed
+        config.data.train = str(train_path)
+        config.train.steps = sft_steps
+        config.train.checkpoint_every = max(sft_steps // 2, 1)
+        if not thinking:
+            config.data.enable_thinking = False
+        apply_overrides(config, sft_overrides, name="SFT config")
+        _log(
+            f"SFT: {config.train.steps} steps of {config.data.batch_size} x {config.data.seq_len} tokens"
+        )
+        sft_dir = workdir / "sft"
+        sft_summary = _with_last_logged(sft_dir, sft.train(config, sft_dir, progress=True), "loss")
+        t = lap("sft_s", t)
+    else:
+        sft_dir = Path(sft_dir_reuse).absolute()
+        if not (sft_dir / "config.json").exists() or not (sft_dir / "hf" / "config.json").exists():
+            raise FileNotFoundError(
+                f"{sft_dir}: not a finished SFT run (needs config.json and hf/config.json)"
+            )
+        reused = json.loads((sft_dir / "config.json").read_text())
+        if reused.get("seed") != seed:
+            raise ValueError(f"{sft_dir}: SFT run of seed {reused.get('seed')}, not {seed}")
+        if (reused["data"].get("enable_thinking") is False) == thinking:
+            raise ValueError(
+                f"{sft_dir}: trained with data.enable_thinking="
+                f"{reused['data'].get('enable_thinking')}, which does not fit thinking={thinking}"
+            )
+        train_path = Path(reused["data"]["train"])
+        sft_summary = _with_last_logged(sft_dir, {"reused": str(sft_dir)}, "loss")
+        validation = generate_tasks("validation", val_tasks, seed)
+        _log(
+            f"SFT stage reused from {sft_dir} (data {train_path}); {len(validation)} validation tasks"
+        )
+        t = lap("data_s", t)
+    sft_hf = sft_dir / "hf"
+
+    # GRPO from the SFT checkpoint, tool calls answered by the cache built from the trajectories.
+    grpo_config = load_config("grpo", "tiny")
+    grpo_config.seed = seed
+    grpo_config.model.checkpoint = str(sft_hf)
+    grpo_config.cache.build_from = str(train_path)
+    grpo_config.tasks.source = "jsonl"
+    grpo_config.tasks.path = str(train_path)
+    grpo_config.tasks.n = 0
+    grpo_config.eval_tasks.n = val_tasks
+    grpo_config.eval_tasks.seed = seed
+    grpo_config.train.steps = grpo_steps
+    grpo_config.train.eval_every = 0
+    if not thinking:
+        grpo_config.loop.enable_thinking = False
+    apply_overrides(grpo_config, grpo_overrides, name="GRPO config")
+    if eval_loop == "grpo":
+        stage_loop = grpo.loop_config(grpo_config, evaluation=True)
+        grpo_config.eval_tasks.n = 0  # every stage is evaluated below, the same way
+    else:
+        stage_loop = (
+            None
+            if thinking
+            else LoopConfig(group_size=1, mode="live", temperature=0.0, enable_thinking=False)
+        )
 
     # The base model: the same architecture and tokenizer, random weights.
     tokenizer = load_tokenizer(sft_hf)
     model = presets.preset("tiny").replace(vocab_size=tokenizer.vocab_size)
-    base_hf = workdir / "base" / "hf"
-    if not (base_hf / "config.json").exists():
-        save_hf_checkpoint(model, init_params(model, jax.random.key(seed)), base_hf)
-        (base_hf / "tokenizer.json").write_bytes((sft_hf / "tokenizer.json").read_bytes())
-
     stages: dict[str, dict[str, float]] = {}
-    _log("evaluating the base and SFT models (greedy, live tools)")
-    stages["base"] = _eval_stage(base_hf, validation, seed)
-    stages["sft"] = _eval_stage(sft_hf, validation, seed)
+    if eval_base:
+        base_hf = workdir / "base" / "hf"
+        if not (base_hf / "config.json").exists():
+            save_hf_checkpoint(model, init_params(model, jax.random.key(seed)), base_hf)
+            (base_hf / "tokenizer.json").write_bytes((sft_hf / "tokenizer.json").read_bytes())
+        _log("evaluating the base and SFT models (greedy, live tools)")
+        stages["base"] = evaluate_stage(base_hf, validation, seed, stage_loop, memo=eval_memo)
+    else:
+        _log("evaluating the SFT model (greedy, live tools)")
+    stages["sft"] = evaluate_stage(sft_hf, validation, seed, stage_loop, memo=eval_memo)
     t = lap("eval_s", t)
 
-    # GRPO from the SFT checkpoint, tool calls answered by the cache built from the trajectories.
-    config = load_config("grpo", "tiny")
-    config.seed = seed
-    config.model.checkpoint = str(sft_hf)
-    config.cache.build_from = str(train_path)
-    config.tasks.source = "jsonl"
-    config.tasks.path = str(train_path)
-    config.tasks.n = 0
-    config.eval_tasks.n = val_tasks
-    config.eval_tasks.seed = seed
-    config.train.steps = grpo_steps
-    config.train.eval_every = 0
-    _log(
-        f"GRPO: {grpo_steps} steps x {config.grpo.tasks_per_step} tasks x G={config.loop.group_size}"
-    )
-    grpo_summary = grpo.train(config, workdir / "grpo", progress=True)
-    stages["grpo"] = grpo_summary["eval_after"]
-    t = lap("grpo_s", t)
-
-    plots = plot_grpo(workdir / "grpo", workdir)
+    grpo_summary: dict[str, Any] = {}
+    plots: list[Path] = []
+    if run_grpo:
+        _log(
+            f"GRPO: {grpo_config.train.steps} steps x {grpo_config.grpo.tasks_per_step} tasks "
+            f"x G={grpo_config.loop.group_size}"
+        )
+        grpo_summary = _with_last_logged(
+            workdir / "grpo",
+            grpo.train(grpo_config, workdir / "grpo", progress=True),
+            "reward/total",
+        )
+        if eval_loop == "grpo":
+            t = lap("grpo_s", t)
+            stages["grpo"] = evaluate_stage(
+                workdir / "grpo" / "hf", validation, seed, stage_loop, memo=eval_memo
+            )
+            t = lap("grpo_eval_s", t)
+        else:
+            stages["grpo"] = _final_grpo_eval(workdir / "grpo", grpo_summary)
+            t = lap("grpo_s", t)
+        plots = plot_grpo(workdir / "grpo", workdir)
     timings["total_s"] = time.perf_counter() - started
     table = stage_table(stages)
+    summary_line = f"SFT final loss {sft_summary.get('loss', float('nan')):.4f}"
+    if run_grpo:
+        summary_line += (
+            f"; GRPO final reward {grpo_summary.get('reward/total', float('nan')):.3f} (training "
+            f"rollouts, cache tiers: exact {grpo_summary.get('tier/exact_fraction', 0):.2f}, fuzzy "
+            f"{grpo_summary.get('tier/fuzzy_fraction', 0):.2f}, best-effort "
+            f"{grpo_summary.get('tier/best_effort_fraction', 0):.2f})"
+        )
     report = [
         "# CacheRL in miniature",
         "",
@@ -219,23 +434,42 @@ def run(
         "",
         "Seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
         "",
-        f"SFT final loss {sft_summary.get('loss', float('nan')):.4f}; GRPO final reward "
-        f"{grpo_summary.get('reward/total', float('nan')):.3f} (training rollouts, cache tiers: "
-        f"exact {grpo_summary.get('tier/exact_fraction', 0):.2f}, fuzzy "
-        f"{grpo_summary.get('tier/fuzzy_fraction', 0):.2f}, best-effort "
-        f"{grpo_summary.get('tier/best_effort_fraction', 0):.2f}).",
+        summary_line + ".",
         "",
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",
     ]
+    options = {
+        "reasoning": reasoning,
+        "thinking": thinking,
+        "teacher": teacher,
+        "run_grpo": run_grpo,
+        "sft_dir": str(sft_dir),
+        "sft_overrides": dict(sft_overrides or {}),
+        "grpo_overrides": dict(grpo_overrides or {}),
+        "eval_loop": eval_loop,
+    }
     (workdir / "report.md").write_text("\n".join(report))
     (workdir / "stages.json").write_text(
         json.dumps(
-            {"stages": stages, "timings": timings, "augment": augment_summary},
+            {
+                "stages": stages,
+                "timings": timings,
+                "augment": augment_summary,
+                "options": options,
+            },
             indent=2,
             default=str,
         )
     )
     print("\n" + table + "\n")
     _log(f"report: {workdir / 'report.md'} ({timings['total_s'] / 60:.1f} min)")
-    return {"stages": stages, "timings": timings, "report": str(workdir / "report.md")}
+    return {
+        "stages": stages,
+        "timings": timings,
+        "report": str(workdir / "report.md"),
+        "options": options,
+        "train_data": str(train_path),
+        "sft_summary": sft_summary,
+        "grpo_summary": grpo_summary,
+    }

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.cache.build_from = ""  # trajectories JSONL recorded into the cache (comma-separated)
     config.cache.fuzzy_threshold = 80.0
     config.cache.scope_mode = "scoped"  # procedural results depend on each task's world
+    config.cache.exact_only = False  # the ablation: non-exact calls get "no recorded result"
 
     config.loop = ml_collections.ConfigDict()
     config.loop.group_size = 4 if tiny else 16  # G rollouts per task

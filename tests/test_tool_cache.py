@@ -171,6 +171,21 @@ def test_other_argument_names_are_never_fuzzy(cache):
     assert lenient.lookup("get_weather", {"city": "Rome", "unit": "x", "days": 0}).tier == "fuzzy"
 
 
+def test_exact_only_cache_answers_nothing_but_exact_hits(cache):
+    _weather_cache(cache)
+    exact_only = ToolCache(ToolCacheConfig(cache.path, exact_only=True))
+    hit = exact_only.lookup(
+        "get_weather", {"days": 3.0, "unit": "celsius", "city": "San Francisco"}
+    )
+    assert (hit.tier, hit.score) == ("exact", 100.0) and hit.entry.arguments == WEATHER
+    near = {**WEATHER, "days": 4}  # a fuzzy hit in the full cache
+    assert cache.lookup("get_weather", near).tier == "fuzzy"
+    miss = exact_only.lookup("get_weather", near)
+    assert (miss.tier, miss.score, miss.entry) == ("best_effort", 0.0, None)
+    assert json.loads(miss.result)["error"] == "no_recorded_result"
+    assert exact_only.stats()["unseen_tool"] == 0  # the tool is known, only the call is not
+
+
 def test_unseen_tool_gets_a_schema_shaped_no_recorded_result(cache):
     _weather_cache(cache)
     hit = cache.lookup("get_time", {"zone": "UTC"})

@@ -337,12 +337,15 @@ class ToolCacheConfig:
     fuzzy_threshold: the lowest `argument_similarity` (0-100) that is a fuzzy hit.
     scope_mode: "global" (lookups see all entries) or "scoped" (a lookup in scope S sees only S).
     busy_timeout_s: how long a write waits for another process's write to finish.
+    exact_only: answer only exact hits from the cache; every other call gets the "no recorded
+        result" response (tier best-effort, score 0), as for a tool never seen (an ablation).
     """
 
     path: str
     fuzzy_threshold: float = 80.0
     scope_mode: Literal["global", "scoped"] = "global"
     busy_timeout_s: float = 30.0
+    exact_only: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "path", os.fspath(self.path))
@@ -1394,6 +1397,7 @@ class ToolCache:
                     self._counts["exact"] += 1
                     entry = self._entry(entry_index)
                     return tuple.__new__(CacheHit, (entry[4], "exact", 100.0, entry))
+            if tool_index is not None and not self.config.exact_only:
                 score, entry_index, same_names = self._nearest(tool_index, canonical)
                 tier: Tier = (
                     "fuzzy"
@@ -1404,7 +1408,8 @@ class ToolCache:
                 entry = self._entry(entry_index)
                 return tuple.__new__(CacheHit, (entry[4], tier, score, entry))
             self._counts["best_effort"] += 1
-            self._counts["unseen_tool"] += 1
+            if tool_index is None:
+                self._counts["unseen_tool"] += 1
             known = self._schemas.get(tool)
             if schema:
                 with contextlib.suppress(ToolCacheError):  # a schema without a name: ignored

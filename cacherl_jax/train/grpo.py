@@ -91,7 +91,10 @@ def open_cache(config: ml_collections.ConfigDict, workdir: Path) -> ToolCache:
     is_new = not Path(path).exists()
     cache = ToolCache(
         ToolCacheConfig(
-            path, fuzzy_threshold=config.cache.fuzzy_threshold, scope_mode=config.cache.scope_mode
+            path,
+            fuzzy_threshold=config.cache.fuzzy_threshold,
+            scope_mode=config.cache.scope_mode,
+            exact_only=config.cache.get("exact_only", False),
         )
     )
     if is_new and config.cache.build_from:

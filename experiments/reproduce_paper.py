@@ -1,0 +1,599 @@
+"""The paper's stage table and ablation table at CPU scale, over seeds, with mean +- std.
+
+    .venv/bin/python experiments/reproduce_paper.py                  # seeds 0 1 2, ~1 hour
+    .venv/bin/python experiments/reproduce_paper.py --preset quick   # a few minutes, for tests
+    .venv/bin/python experiments/reproduce_paper.py --preset long    # ~4 hours (see PRESETS)
+
+For every seed it runs the pipeline of `cacherl demo` (`cacherl_jax.pipeline_demo.run`) and its
+ablations:
+
+  full          teacher reasoning (template teacher), thinking, SFT, GRPO with a KL term
+                (beta = --beta, 0.04 by default), the three-tier cache and the tier-aware reward
+  no_reasoning  SFT on the reference trajectories without the teacher's reasoning
+  no_thinking   no thinking blocks anywhere: SFT data without reasoning, rendered, sampled and
+                evaluated with enable_thinking=False
+  exact_only    GRPO with an exact-only cache (cache.exact_only=True: every non-exact call
+                gets the "no recorded result" response)
+  fixed_weight  GRPO with the fixed-weight reward (reward.tier_aware=False: a=0.60 every tier)
+  no_kl         GRPO without the KL term (grpo.beta=0)
+  sft_only      no GRPO: the full pipeline's SFT model
+
+Variants that differ only in the GRPO stage reuse the full run's SFT stage (per seed: 3 SFT runs
+-- full, no_reasoning, no_thinking -- and 6 GRPO runs). Every stage is evaluated the same way:
+greedy, live tools, the default reward, with the GRPO config's evaluation loop settings, on the
+seed's validation tasks; an evaluation of the same checkpoint is computed once and remembered.
+
+Resumable: each (seed, variant) writes `WORKDIR/seed<S>/<variant>/result.json` when done and a
+rerun skips it (an interrupted one resumes its SFT/GRPO checkpoints). Checkpoints and data stay
+under --workdir; --out gets only small files: stage_table.md, ablation_table.md, results.json
+(every per-seed number, sizes, timings, git commit, the exact command) and README.md. Prints
+progress, the tables and, last, one JSON line with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python experiments/reproduce_paper.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from cacherl_jax import pipeline_demo  # noqa: E402
+from cacherl_jax.train.metrics import read_metrics  # noqa: E402
+
+# Sizes per preset; every one is also a flag. `default` is sized for ~57 min on 2 quiet CPU cores
+# (see `estimate_seconds`), `quick` for a test of a few minutes.
+PRESETS: dict[str, dict[str, int]] = {
+    "default": dict(
+        train_tasks=3000,
+        val_tasks=48,
+        sft_steps=200,
+        grpo_steps=6,
+        tasks_per_step=8,
+        group_size=4,
+    ),
+    # Long enough for the SFT model to learn to copy values from the request into its calls (the
+    # SFT loss drops between ~800 and ~1,300 steps; README "What GRPO does at CPU scale"), which
+    # the default's 200 steps are not: ~4 hours.
+    "long": dict(
+        train_tasks=3000,
+        val_tasks=48,
+        sft_steps=1500,
+        grpo_steps=30,
+        tasks_per_step=8,
+        group_size=4,
+    ),
+    "quick": dict(
+        train_tasks=120,
+        val_tasks=8,
+        sft_steps=8,
+        grpo_steps=2,
+        tasks_per_step=4,
+        group_size=2,
+    ),
+}
+# Config fields a preset sets besides the sizes. The quick preset's tokenizer size is one that
+# every variant's data reaches (a byte-level BPE trained on the trajectories without reasoning
+# stops below 1024 tokens), so every run has the same shapes and compiles once; its rollouts (and
+# evaluations) are cut to 3 turns of 32 new tokens.
+PRESET_SFT_OVERRIDES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "long": {},
+    "quick": {"tokenizer.train_vocab_size": 512},
+}
+PRESET_GRPO_OVERRIDES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "long": {},
+    "quick": {"loop.max_new_tokens": 32, "loop.max_turns": 3},
+}
+SIZE_FLAGS = tuple(PRESETS["default"])
+DEFAULT_BETA = 0.04  # the full pipeline's KL coefficient (configs/grpo.py:tiny has 0.0)
+
+EXACT_ONLY_NOTE = (
+    "The exact-only variant sets `cache.exact_only=True`: exact hits are answered from the "
+    "cache and every other call gets the schema-shaped 'no recorded result' response, tier "
+    "best-effort (answer weight 0.10 in the tier-aware reward), as for a tool never seen."
+)
+
+# (eval metric key, column title) of the tables.
+STAGE_COLUMNS = pipeline_demo.STAGE_COLUMNS
+ABLATION_COLUMNS = STAGE_COLUMNS[:3]
+TRAIN_KEYS = (
+    "reward/total",
+    "tier/exact_fraction",
+    "tier/fuzzy_fraction",
+    "tier/best_effort_fraction",
+    "kl_ref",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    title: str
+    changes: str  # what differs from the full pipeline
+    reasoning: bool = True
+    thinking: bool = True
+    reuse_sft: bool = False  # the full run's SFT stage of the same seed
+    run_grpo: bool = True
+    grpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # GRPO config fields it sets
+
+
+VARIANTS = (
+    Variant("full", "full pipeline", "-"),
+    Variant(
+        "no_reasoning",
+        "no teacher reasoning",
+        "SFT data: the reference trajectories without the teacher's reasoning",
+        reasoning=False,
+    ),
+    Variant(
+        "no_thinking",
+        "no thinking",
+        "no thinking blocks: SFT data without reasoning; data.enable_thinking and "
+        "loop.enable_thinking False",
+        thinking=False,
+    ),
+    Variant(
+        "exact_only",
+        "exact-only cache",
+        "GRPO cache answers exact hits only: cache.exact_only=True",
+        reuse_sft=True,
+        grpo={"cache.exact_only": True},
+    ),
+    Variant(
+        "fixed_weight",
+        "fixed-weight reward",
+        "reward.tier_aware=False (answer weight 0.60 for every tier)",
+        reuse_sft=True,
+        grpo={"reward.tier_aware": False},
+    ),
+    Variant("no_kl", "no KL", "grpo.beta=0", reuse_sft=True, grpo={"grpo.beta": 0.0}),
+    Variant("sft_only", "SFT only", "no GRPO stage", reuse_sft=True, run_grpo=False),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every run of one invocation shares."""
+
+    preset: str
+    sizes: dict[str, int]
+    seeds: tuple[int, ...]
+    beta: float
+    teacher: str
+    workdir: Path
+
+    @property
+    def sft_overrides(self) -> dict[str, Any]:
+        return dict(PRESET_SFT_OVERRIDES[self.preset])
+
+    def grpo_overrides(self, variant: Variant) -> dict[str, Any]:
+        """The GRPO config fields the variant's run sets: the sizes, the full run's beta, the
+        preset's fields, then the variant's own. Without a GRPO stage they still give the loop
+        every stage is evaluated with (`grpo.loop_config(config, evaluation=True)`)."""
+        return {
+            "grpo.beta": self.beta,
+            "grpo.tasks_per_step": self.sizes["tasks_per_step"],
+            "loop.group_size": self.sizes["group_size"],
+            **PRESET_GRPO_OVERRIDES[self.preset],
+            **variant.grpo,
+        }
+
+    def settings(self, variant: Variant) -> dict[str, Any]:
+        """Everything a finished (seed, variant) result depends on: a rerun skips a result only
+        if these are equal."""
+        return {
+            "sizes": dict(self.sizes),
+            "beta": self.beta,
+            "teacher": self.teacher,
+            "reasoning": variant.reasoning,
+            "thinking": variant.thinking,
+            "reuse_sft": variant.reuse_sft,
+            "run_grpo": variant.run_grpo,
+            "sft_overrides": self.sft_overrides,
+            "grpo_overrides": self.grpo_overrides(variant),
+        }
+
+    def run_dir(self, seed: int, name: str) -> Path:
+        return self.workdir / f"seed{seed}" / name
+
+
+def _log(message: str) -> None:
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1; None for a single value) of the finite values."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def fmt(stat: dict[str, Any], signed: bool = False) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
+    return mean if stat["std"] is None else f"{mean} ± {stat['std']:.3f}"
+
+
+def _difference(a: dict, b: dict, key: str) -> float | None:
+    if a.get(key) is None or b.get(key) is None:
+        return None
+    return a[key] - b[key]
+
+
+def aggregate(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:
+    """Mean +- std over seeds: the full run's stages, each variant's final metrics, each
+    variant's per-seed difference to the full run, and the GRPO runs' training rollouts."""
+    full = per_seed["full"]
+    keys = [key for key, _ in STAGE_COLUMNS]
+    stages = {
+        stage: {key: mean_std([full[s]["stages"][stage].get(key) for s in seeds]) for key in keys}
+        for stage in ("base", "sft", "grpo")
+    }
+    variants, deltas, training = {}, {}, {}
+    for name in VARIANT_NAMES:
+        runs = per_seed[name]
+        variants[name] = {key: mean_std([runs[s]["final"].get(key) for s in seeds]) for key in keys}
+        deltas[name] = {
+            key: mean_std([_difference(runs[s]["final"], full[s]["final"], key) for s in seeds])
+            for key in keys
+        }
+        if runs[seeds[0]]["grpo_train"] is not None:
+            training[name] = {
+                key: mean_std([runs[s]["grpo_train"].get(key) for s in seeds]) for key in TRAIN_KEYS
+            }
+    return {"stages": stages, "variants": variants, "deltas": deltas, "grpo_train": training}
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def stage_table(summary: dict[str, Any]) -> str:
+    header = "| stage | " + " | ".join(title for _, title in STAGE_COLUMNS) + " |"
+    rule = "|---" * (len(STAGE_COLUMNS) + 1) + "|"
+    rows = [
+        f"| {label} | "
+        + " | ".join(fmt(summary["stages"][stage][key]) for key, _ in STAGE_COLUMNS)
+        + " |"
+        for stage, label in (("base", "base"), ("sft", "SFT"), ("grpo", "GRPO"))
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def ablation_table(summary: dict[str, Any]) -> str:
+    titles = []
+    for _, title in ABLATION_COLUMNS:
+        titles += [title, f"Δ {title}"]
+    header = "| variant | changes | " + " | ".join(titles) + " |"
+    rule = "|---" * (len(titles) + 2) + "|"
+    rows = []
+    for variant in VARIANTS:
+        cells = []
+        for key, _ in ABLATION_COLUMNS:
+            cells.append(fmt(summary["variants"][variant.name][key]))
+            cells.append(
+                "-" if variant.name == "full" else fmt(summary["deltas"][variant.name][key], True)
+            )
+        rows.append(f"| {variant.title} | {variant.changes} | " + " | ".join(cells) + " |")
+    return "\n".join([header, rule, *rows])
+
+
+def training_table(summary: dict[str, Any]) -> str:
+    rows = ["| variant | train reward | exact | fuzzy | best-effort |", "|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        stats = summary["grpo_train"].get(variant.name)
+        if stats is not None:
+            cells = [fmt(stats[key]) for key in TRAIN_KEYS[:4]]
+            rows.append(f"| {variant.title} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def train_summary(grpo_dir: Path) -> dict[str, Any]:
+    """Means over the GRPO run's steps of the training rollouts' reward, tier shares and KL to
+    the reference (0 without a KL term)."""
+    records = [r for r in read_metrics(grpo_dir) if "reward/total" in r]
+    out: dict[str, Any] = {"steps": len(records)}
+    for key in TRAIN_KEYS:
+        values = [r[key] for r in records if key in r]
+        out[key] = statistics.fmean(values) if values else None
+    return out
+
+
+def run_variant(plan: Plan, variant: Variant, seed: int) -> dict[str, Any]:
+    """Runs one (seed, variant) through `pipeline_demo.run`; returns its result record."""
+    run_dir = plan.run_dir(seed, variant.name)
+    started = time.perf_counter()
+    out = pipeline_demo.run(
+        run_dir,
+        train_tasks=plan.sizes["train_tasks"],
+        val_tasks=plan.sizes["val_tasks"],
+        sft_steps=plan.sizes["sft_steps"],
+        grpo_steps=plan.sizes["grpo_steps"],
+        seed=seed,
+        teacher=plan.teacher,
+        reasoning=variant.reasoning,
+        thinking=variant.thinking,
+        sft_overrides=plan.sft_overrides,
+        grpo_overrides=plan.grpo_overrides(variant),
+        run_grpo=variant.run_grpo,
+        sft_dir_reuse=plan.run_dir(seed, "full") / "sft" if variant.reuse_sft else None,
+        eval_base=variant.name == "full",
+        eval_loop="grpo",
+        eval_memo=True,
+    )
+    stages = out["stages"]
+    return {
+        "variant": variant.name,
+        "seed": seed,
+        "settings": plan.settings(variant),
+        "stages": stages,
+        "final": stages["grpo" if "grpo" in stages else "sft"],
+        "grpo_train": train_summary(run_dir / "grpo") if variant.run_grpo else None,
+        "options": out["options"],
+        "timings": {**out["timings"], "wall_s": time.perf_counter() - started},
+        "run_dir": str(run_dir),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def estimate_seconds(sizes: dict[str, int], seeds: int) -> float:
+    """Rough wall time on 2 quiet CPU cores, from per-unit costs measured on this code: SFT
+    0.65 s per step of 8 x 512 tokens, GRPO 0.31 s per rollout (~10 s per step of 8 tasks x G=4
+    with the KL reference pass), evaluation ~0.35 s per validation task (the GRPO evaluation
+    loop), 5 s to generate and augment 3000 trajectories, 0.7 s to build the cache from them;
+    compilation is paid about once with the persistent compilation cache, plus once per seed for
+    the variants without reasoning (their tokenizer, trained on less varied text, stops below
+    1024 tokens, so their shapes differ from the full run's). Per seed: 3 SFT runs (full,
+    no_reasoning, no_thinking), 6 GRPO runs, 10 evaluations (base; 3 SFT models; 6 GRPO models;
+    sft_only reads the full run's)."""
+    data = 0.0017 * sizes["train_tasks"]
+    sft = 0.65 * sizes["sft_steps"] + 15.0  # + tokenizer, rendering, checkpoints, export
+    rollouts = sizes["tasks_per_step"] * sizes["group_size"]
+    grpo = 0.31 * rollouts * sizes["grpo_steps"] + 8.0  # + loading, cache, export
+    evaluation = 0.35 * sizes["val_tasks"] + 2.0
+    compile_once, compile_per_seed = 90.0, 45.0
+    return compile_once + seeds * (compile_per_seed + 3 * (data + sft) + 6 * grpo + 10 * evaluation)
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    for flag in SIZE_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None,
+                            help=f"default: the preset's ({PRESETS['default'][flag]} in default)")  # fmt: skip
+    parser.add_argument("--beta", type=float, default=DEFAULT_BETA, help="the full run's KL term")
+    parser.add_argument("--teacher", default="template", help="configs/augment.py variant")
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "reproduce"))
+    parser.add_argument("--out", default=str(REPO / "experiments" / "results"))
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        help="JAX's persistent compilation cache, shared by every run (default WORKDIR/xla_cache; "
+        "'' for none): runs of the same shapes compile once",
+    )
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds must be distinct")
+    if args.beta <= 0:
+        parser.error("--beta must be > 0, or the full run and no_kl would be the same")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    sizes = dict(PRESETS[args.preset])
+    for flag in SIZE_FLAGS:
+        if getattr(args, flag) is not None:
+            sizes[flag] = getattr(args, flag)
+    plan = Plan(
+        preset=args.preset,
+        sizes=sizes,
+        seeds=tuple(args.seeds),
+        beta=args.beta,
+        teacher=args.teacher,
+        workdir=Path(args.workdir).absolute(),
+    )
+    out_dir = Path(args.out).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    compile_cache = plan.workdir / "xla_cache" if args.compile_cache is None else args.compile_cache
+    if compile_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(sys.orig_argv if argv is None else [sys.executable, __file__, *arguments])
+    estimate = estimate_seconds(sizes, len(plan.seeds))
+    _log(
+        f"seeds {list(plan.seeds)}, sizes {sizes}, beta {plan.beta}: {len(VARIANTS)} variants "
+        f"per seed (estimate ~{estimate / 60:.0f} min on 2 quiet CPU cores); runs under "
+        f"{plan.workdir}"
+    )
+
+    started = time.perf_counter()
+    per_seed: dict[str, dict[int, dict]] = {name: {} for name in VARIANT_NAMES}
+    ran, skipped = [], []
+    for index, seed in enumerate(plan.seeds):
+        for variant in VARIANTS:
+            label = f"seed {seed} ({index + 1}/{len(plan.seeds)}) {variant.name}"
+            path = plan.run_dir(seed, variant.name) / "result.json"
+            if path.exists():
+                result = json.loads(path.read_text())
+                if result["settings"] != plan.settings(variant):
+                    raise SystemExit(
+                        f"{path}: finished with other settings ({result['settings']}, now "
+                        f"{plan.settings(variant)}); use another --workdir or delete it"
+                    )
+                skipped.append(f"seed{seed}/{variant.name}")
+                _log(f"{label}: done earlier, skipped ({path})")
+            else:
+                _log(f"{label}: running ({variant.changes})")
+                result = run_variant(plan, variant, seed)
+                partial = path.with_suffix(".json.tmp")
+                partial.write_text(json.dumps(result, indent=2, default=str))
+                partial.replace(path)
+                ran.append(f"seed{seed}/{variant.name}")
+                _log(
+                    f"{label}: done in {result['timings']['wall_s']:.0f} s, validation reward "
+                    f"{result['final'].get('eval/reward/total', float('nan')):.3f}"
+                )
+            per_seed[variant.name][seed] = result
+    total_s = time.perf_counter() - started
+
+    seeds = list(plan.seeds)
+    summary = aggregate(per_seed, seeds)
+    tables = {
+        "stage": stage_table(summary),
+        "ablation": ablation_table(summary),
+        "training": training_table(summary),
+    }
+    run_info = {
+        "command": command,
+        "arguments": arguments,
+        "cwd": os.getcwd(),
+        "wall_s_this_invocation": total_s,
+        "ran_this_invocation": ran,
+        "estimate_s": estimate,
+    }
+    write_outputs(out_dir, plan, per_seed, summary, tables, run_info)
+    print("\n" + tables["stage"] + "\n\n" + tables["ablation"] + "\n", flush=True)
+
+    headline: dict[str, Any] = {"preset": plan.preset, "seeds": seeds, "beta": plan.beta, **sizes}
+    for stage in ("base", "sft", "grpo"):
+        stat = summary["stages"][stage]["eval/reward/total"]
+        headline[f"{stage}_reward_mean"] = stat["mean"]
+        headline[f"{stage}_reward_std"] = stat["std"]
+    headline["grpo_success_mean"] = summary["stages"]["grpo"]["eval/success_rate"]["mean"]
+    for name in VARIANT_NAMES[1:]:
+        headline[f"delta_reward_{name}"] = summary["deltas"][name]["eval/reward/total"]["mean"]
+    headline.update(
+        ran=len(ran),
+        skipped=len(skipped),
+        total_s=round(total_s, 1),
+        estimate_s=round(estimate, 1),
+        out=str(out_dir),
+    )
+    print(json.dumps(headline), flush=True)
+    return headline
+
+
+def write_outputs(
+    out_dir: Path,
+    plan: Plan,
+    per_seed: dict[str, dict[int, dict]],
+    summary: dict[str, Any],
+    tables: dict[str, str],
+    run_info: dict[str, Any],
+) -> None:
+    """stage_table.md, ablation_table.md, results.json and README.md in `out_dir`."""
+    seeds = list(plan.seeds)
+    seed_list = ", ".join(map(str, seeds))
+    how = (
+        f"Mean ± sample standard deviation (n - 1) over seeds {seed_list}; "
+        f"{plan.sizes['val_tasks']} validation tasks per seed (the seed's own), evaluated greedily "
+        "with live tools and the default reward, every stage with the same loop settings (the "
+        "GRPO config's evaluation loop)."
+    )
+    (out_dir / "stage_table.md").write_text(
+        "# Stage table: the full pipeline\n\n"
+        f"{how} The full pipeline's GRPO stage has a KL term, beta = {plan.beta}.\n\n"
+        f"{tables['stage']}\n"
+    )
+    (out_dir / "ablation_table.md").write_text(
+        "# Ablation table\n\n"
+        f"{how} Each variant's final model (GRPO, or SFT for SFT only); Δ = variant - full "
+        "pipeline per seed, mean ± std of those differences.\n\n"
+        f"{tables['ablation']}\n\n"
+        "GRPO training rollouts, means over steps: reward and the share of rollouts whose worst "
+        "cache tier was exact / fuzzy / best-effort.\n\n"
+        f"{tables['training']}\n\n"
+        f"Notes. Exact-only cache: {EXACT_ONLY_NOTE}\n"
+    )
+    git = git_state()
+    machine = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    compute_s = sum(r["timings"]["wall_s"] for runs in per_seed.values() for r in runs.values())
+    results = {
+        **run_info,
+        "preset": plan.preset,
+        "sizes": plan.sizes,
+        "seeds": seeds,
+        "beta": plan.beta,
+        "teacher": plan.teacher,
+        "workdir": str(plan.workdir),
+        "git": git,
+        "machine": machine,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "compute_s": compute_s,
+        "variants": {
+            v.name: {"title": v.title, "changes": v.changes, "settings": plan.settings(v)}
+            for v in VARIANTS
+        },
+        "per_seed": {name: {str(s): runs[s] for s in seeds} for name, runs in per_seed.items()},
+        "summary": summary,
+        "exact_only_note": EXACT_ONLY_NOTE,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    where = (
+        "the repository root" if Path(run_info["cwd"]).resolve() == REPO else f"`{run_info['cwd']}`"
+    )
+    (out_dir / "README.md").write_text(
+        "# Reproduced tables (CPU scale)\n\n"
+        f"Produced by this command, run in {where}:\n\n"
+        f"```bash\n{run_info['command']}\n```\n\n"
+        f"Commit {git['commit']}{' (with uncommitted changes)' if git['dirty'] else ''}, "
+        f"{results['created_at']}, {machine['platform']}, {machine['cpus']} CPUs; "
+        f"{compute_s / 60:.1f} min of runs in all. Preset {plan.preset}, sizes "
+        f"{json.dumps(plan.sizes)}; seeds {seed_list}; beta {plan.beta} in the full run.\n\n"
+        "## Stage table\n\n"
+        f"{how}\n\n{tables['stage']}\n\n"
+        "## Ablation table\n\n"
+        f"{tables['ablation']}\n\n"
+        f"{tables['training']}\n\n"
+        "Files: `stage_table.md`, `ablation_table.md`, `results.json` (every per-seed number, "
+        "the settings of each variant, timings, the command). Exact-only cache: "
+        f"{EXACT_ONLY_NOTE}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
