@@ -68,7 +68,7 @@ from cacherl_jax.rl.rewards import RewardConfig
 from cacherl_jax.sampling import Sampler
 from cacherl_jax.train import sft
 from cacherl_jax.train.errors import TrainingError
-from cacherl_jax.train.grpo import load_tasks, open_cache
+from cacherl_jax.train.grpo import load_tasks, loop_config, open_cache
 from cacherl_jax.train.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -330,16 +330,9 @@ def _check_checkpoint(checkpoint: str, tokenizer_spec: str, what: str) -> None:
 
 
 def _loop_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) -> LoopConfig:
-    values = config.loop.to_dict()
-    if evaluation:
-        values.update(
-            group_size=config.eval.samples,
-            temperature=config.eval.temperature,
-            mode=config.eval.mode,
-        )
-    else:
-        values["group_size"] = config.rft.samples_per_task
-    return LoopConfig(**values)
+    """GRPO's loop settings, with `rft.samples_per_task` rollouts per task when sampling."""
+    loop = loop_config(config, evaluation=evaluation)
+    return loop if evaluation else dataclasses.replace(loop, group_size=config.rft.samples_per_task)
 
 
 def _run_loop(loop: CacheAgentLoop, tasks: Sequence[Task], seed: int) -> list[Rollout]:
