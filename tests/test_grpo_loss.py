@@ -137,7 +137,8 @@ def test_loss_sums_add_up_over_microbatches():
             grpo_loss(logp[s], old[s], ref[s], adv[s], mask[s], beta=0.1, aggregation=aggregation)
             for s in (slice(0, 2), slice(2, B))
         ]
-        assert float(whole[0]) == pytest.approx(sum(float(h[0]) for h in halves), abs=1e-6)
+        # Equal up to float32 summation order (XLA may reduce the halves in another order).
+        assert float(whole[0]) == pytest.approx(sum(float(h[0]) for h in halves), rel=1e-5)
         assert float(whole[1]) == sum(float(h[1]) for h in halves)
 
 
