@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -318,6 +319,20 @@ CONFIG_COMMANDS = {
 }
 
 
+def full_float32_matmuls() -> None:
+    """Multiply float32 matrices in float32 unless the user chose otherwise.
+
+    JAX on NVIDIA GPUs runs float32 matmuls in TF32 by default; torch does not. Measured on an
+    H200: our float32 logits 2.6e-4 (relative) from transformers' float32, against < 1e-5 at
+    "highest". `JAX_DEFAULT_MATMUL_PRECISION=default` (or `tensorfloat32`) brings TF32 back.
+    bfloat16 compute and CPU runs are unaffected.
+    """
+    if "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in CONFIG_COMMANDS:
@@ -325,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: args.run(args)
+    full_float32_matmuls()
     try:
         run()
     except (

@@ -26,13 +26,18 @@ import statistics
 import tempfile
 import time
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch too
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cacherl_jax import reference
+from cacherl_jax.cli import full_float32_matmuls
 from cacherl_jax.model import count_params, load_hf_checkpoint, presets
 from cacherl_jax.sampling import Sampler, SamplingParams
+
+ON_GPU = jax.default_backend() == "gpu"  # then transformers runs on the GPU too
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -49,9 +54,15 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> tuple[float, fl
     """(copy, read) bytes per second on arrays far larger than the caches. Copy counts each byte
     twice (read and written), as STREAM does; read is a JAX row-max, which only loads."""
     src = np.ones(megabytes * 2**20 // 4, np.float32)
-    dst = np.empty_like(src)
     # Best of a few: the machine's capacity rather than its neighbours' noise.
-    copy = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    if ON_GPU:
+        on_device = jnp.asarray(src)
+        double = jax.jit(lambda x: x * 2)
+        double(on_device).block_until_ready()
+        copy = min(_timed(lambda: double(on_device).block_until_ready()) for _ in range(repeats))
+    else:
+        dst = np.empty_like(src)
+        copy = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
     rows = jnp.asarray(src).reshape(-1, 4096)
     row_max = jax.jit(lambda x: jnp.max(x, axis=1))
     row_max(rows).block_until_ready()
@@ -86,12 +97,15 @@ def main() -> None:
 
     import torch
 
+    full_float32_matmuls()  # as `cacherl serve` does: float32 like torch's, not TF32, on a GPU
     torch.set_num_threads(args.torch_threads)
+    torch_device = "cuda" if ON_GPU else "cpu"
     config = presets.preset(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = reference.random_hf_model(config)
         hf_model.save_pretrained(tmp)
         _, params = load_hf_checkpoint(tmp)
+    hf_model.to(torch_device)
     n_params = count_params(params)
     sampler = Sampler(params, config)
     bandwidth, read_bandwidth = measure_bandwidth()
@@ -114,8 +128,10 @@ def main() -> None:
         def transformers_generate(prompts_BxT=prompts_BxT, batch=batch):
             with torch.no_grad():
                 out = hf_model.generate(
-                    torch.as_tensor(prompts_BxT),
-                    attention_mask=torch.ones(prompts_BxT.shape, dtype=torch.long),
+                    torch.as_tensor(prompts_BxT, device=torch_device),
+                    attention_mask=torch.ones(
+                        prompts_BxT.shape, dtype=torch.long, device=torch_device
+                    ),
                     do_sample=not args.greedy,
                     top_k=0,
                     top_p=1.0,
@@ -125,7 +141,7 @@ def main() -> None:
                     eos_token_id=None,
                     pad_token_id=0,
                 )
-            assert out.shape == (batch, args.prompt_len + new)
+            assert out.cpu().shape == (batch, args.prompt_len + new)  # .cpu() waits for the GPU
 
         ours_rate = batch * new / _median_seconds(ours, args.repeats)
         hf_rate = (
@@ -141,7 +157,8 @@ def main() -> None:
     mode = "greedy" if args.greedy else "sampling at temperature 1"
     print(
         f"Qwen3 {args.model}: {n_params / 1e6:.1f}M params, float32, prompts {args.prompt_len} "
-        f"tokens, {new} new tokens per row, {mode}; {os.cpu_count()} CPU cores, torch threads "
+        f"tokens, {new} new tokens per row, {mode}; "
+        f"{jax.devices()[0].device_kind if ON_GPU else f'{os.cpu_count()} CPU cores'}, torch threads "
         f"{args.torch_threads}, bandwidth {bandwidth / 1e9:.1f} GB/s copy / "
         f"{read_bandwidth / 1e9:.1f} GB/s read; "
         f"jax {jax.__version__} / torch {torch.__version__}"

@@ -22,6 +22,9 @@ import tempfile
 import time
 
 MODEL = "bench_29m"
+# On a GPU each side's process takes only the memory it uses, so the peaks are comparable and
+# the parent's JAX does not hold 75% of the device away from the children.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -39,15 +42,25 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
+def _on_gpu() -> bool:
+    """Both sides go to the GPU when JAX has one (torch must see it too), else both stay on CPU."""
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
 def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
 
+    from cacherl_jax.cli import full_float32_matmuls
     from cacherl_jax.model import load_hf_checkpoint
     from cacherl_jax.train import sft
     from cacherl_jax.train.optimizer import make_optimizer
+
+    full_float32_matmuls()  # as `cacherl sft` does: float32 like torch's, not TF32, on a GPU
 
     config, params = load_hf_checkpoint(checkpoint, unroll_layers=True)
     train = ml_collections.ConfigDict(
@@ -80,6 +93,7 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
 
     first_loss = one_step()
     seconds = _median_time(one_step, repeats)
+    device_stats = jax.devices()[0].memory_stats() or {}
     memory = step.lower(holder["state"], None, batch_arrays).compile().memory_analysis()
 
     # The float32 matmul peak of this machine, as JAX reaches it.
@@ -96,6 +110,7 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
         "seconds": seconds,
         "first_loss": first_loss,
         "peak_rss_gib": _peak_rss_gib(),
+        "peak_device_gib": device_stats.get("peak_bytes_in_use", 0) / 1024**3,
         "xla_bytes_gib": (
             memory.argument_size_in_bytes
             + memory.output_size_in_bytes
@@ -113,13 +128,15 @@ def run_torch(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
     import torch
     import transformers
 
+    device = "cuda" if _on_gpu() else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model.train()
+    model.to(device).train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
     )
     tokens = torch.as_tensor(
-        np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq_len + 1))
+        np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq_len + 1)),
+        device=device,
     )
 
     def one_step():
@@ -139,6 +156,7 @@ def run_torch(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
         "seconds": seconds,
         "first_loss": first_loss,
         "peak_rss_gib": _peak_rss_gib(),
+        "peak_device_gib": torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else 0.0,
         "torch": torch.__version__,
     }
 
@@ -193,9 +211,10 @@ def main() -> None:
     ours_tps, theirs_tps = tokens / ours["seconds"], tokens / theirs["seconds"]
     achieved_gflops = ours["flops_per_token"] * ours_tps / 1e9
     mfu = achieved_gflops / ours["matmul_peak_gflops"]
-    print(
-        f"SFT step, Qwen3 {MODEL} float32, batch {args.batch} x {args.seq_len}, {os.cpu_count()} CPU cores"
-    )
+    import jax
+
+    where = jax.devices()[0].device_kind if _on_gpu() else f"{os.cpu_count()} CPU cores"
+    print(f"SFT step, Qwen3 {MODEL} float32, batch {args.batch} x {args.seq_len}, {where}")
     print(f"{'':<26} {'ours (JAX)':>12} {'transformers':>14}")
     print(f"{'tokens/s':<26} {ours_tps:>12.0f} {theirs_tps:>14.0f}")
     print(f"{'seconds/step':<26} {ours['seconds']:>12.3f} {theirs['seconds']:>14.3f}")
@@ -203,6 +222,10 @@ def main() -> None:
     print(
         f"{'peak RSS GiB (process)':<26} {ours['peak_rss_gib']:>12.2f} {theirs['peak_rss_gib']:>14.2f}"
     )
+    if _on_gpu():
+        print(
+            f"{'peak GPU memory GiB':<26} {ours['peak_device_gib']:>12.2f} {theirs['peak_device_gib']:>14.2f}"
+        )
     print(
         f"ratio {ours_tps / theirs_tps:.2f}; {achieved_gflops:.1f} GFLOP/s = MFU {mfu:.1%} of the measured JAX f32 matmul peak {ours['matmul_peak_gflops']:.1f} GFLOP/s; XLA plans {ours['xla_bytes_gib']:.2f} GiB"
     )
@@ -218,6 +241,9 @@ def main() -> None:
                 "peak_rss_gib": round(ours["peak_rss_gib"], 3),
                 "peak_rss_gib_transformers": round(theirs["peak_rss_gib"], 3),
                 "xla_planned_gib": round(ours["xla_bytes_gib"], 3),
+                "device": where,
+                "peak_device_gib": round(ours["peak_device_gib"], 3),
+                "peak_device_gib_transformers": round(theirs["peak_device_gib"], 3),
             }
         )
     )
