@@ -100,3 +100,26 @@ def test_check_model_runs_every_check(tmp_path, capsys):
     report = json.loads((workdir / "report.json").read_text())
     assert all(step["ok"] for step in report["steps"])
     assert {p.name for p in workdir.iterdir()} == {"hf_random", "jax", "hf_export", "report.json"}
+
+
+def _matmul_precision_after_cli_setup(env_value: str | None) -> str:
+    """The JAX matmul precision a fresh process has after `full_float32_matmuls()`."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_DEFAULT_MATMUL_PRECISION"}
+    if env_value is not None:
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = env_value
+    code = (
+        "import jax; from cacherl_jax.cli import full_float32_matmuls; full_float32_matmuls(); "
+        "print(jax.config.jax_default_matmul_precision)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_commands_use_full_float32_matmuls_unless_the_user_chose():
+    # JAX's GPU default is TF32; the commands ask for float32 like torch, but a user's choice wins.
+    assert _matmul_precision_after_cli_setup(None) == "highest"
+    assert _matmul_precision_after_cli_setup("tensorfloat32") == "tensorfloat32"
