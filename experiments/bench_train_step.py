@@ -58,6 +58,7 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
     from cacherl_jax.cli import full_float32_matmuls
     from cacherl_jax.model import load_hf_checkpoint
     from cacherl_jax.train import sft
+    from cacherl_jax.train.host_memory import release_freed_memory
     from cacherl_jax.train.optimizer import make_optimizer
 
     full_float32_matmuls()  # as `cacherl sft` does: float32 like torch's, not TF32, on a GPU
@@ -74,7 +75,7 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
         "opt_state": jax.jit(tx.init)(params),
     }
     step_config = sft.StepConfig(config, None, 1, 1.0, 2048)
-    step = jax.jit(sft.make_train_step(step_config, tx, schedule), donate_argnums=0)
+    jitted = jax.jit(sft.make_train_step(step_config, tx, schedule), donate_argnums=0)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (batch, seq_len + 1))
     batch_arrays = {
@@ -85,6 +86,9 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
         "segment_ids_BxT": jnp.ones((batch, seq_len), jnp.int32),
         "positions_BxT": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
     }
+    # As `sft.train` does: compile ahead, then hand the compiler's freed memory back to the OS.
+    step = jitted.lower(state, None, batch_arrays).compile()
+    release_freed_memory()
     holder = {"state": state}
 
     def one_step():
@@ -94,7 +98,7 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
     first_loss = one_step()
     seconds = _median_time(one_step, repeats)
     device_stats = jax.devices()[0].memory_stats() or {}
-    memory = step.lower(holder["state"], None, batch_arrays).compile().memory_analysis()
+    memory = step.memory_analysis()
 
     # The float32 matmul peak of this machine, as JAX reaches it.
     a = jnp.ones((2048, 2048), jnp.float32)

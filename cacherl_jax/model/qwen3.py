@@ -242,8 +242,8 @@ def _swiglu_down_bwd(residuals, d_out_BxTxE):
     product_BxTxF = silu_BxTxF * up_BxTxF
     # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
     d_product_BxTxF = dense(d_out_BxTxE, w_down_FxE.T)
-    d_gate_BxTxF = d_product_BxTxF * up_BxTxF * (
-        sigmoid_BxTxF * (1 + gate_BxTxF * (1 - sigmoid_BxTxF))
+    d_gate_BxTxF = (
+        d_product_BxTxF * up_BxTxF * (sigmoid_BxTxF * (1 + gate_BxTxF * (1 - sigmoid_BxTxF)))
     )
     d_up_BxTxF = d_product_BxTxF * silu_BxTxF
     F, E = w_down_FxE.shape

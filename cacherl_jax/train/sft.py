@@ -41,6 +41,7 @@ from cacherl_jax.model import (
 from cacherl_jax.model import lora as lora_lib
 from cacherl_jax.train import checkpoint as checkpoint_lib
 from cacherl_jax.train.errors import TrainingError
+from cacherl_jax.train.host_memory import release_freed_memory
 from cacherl_jax.train.loss import chunked_cross_entropy, sft_weights
 from cacherl_jax.train.metrics import MetricsWriter
 from cacherl_jax.train.optimizer import make_optimizer
@@ -338,10 +339,15 @@ def train(
     )
     last: dict[str, float] = {}
     window_start, window_tokens = time.perf_counter(), 0
+    compiled_step = None
     try:
         for step in range(start_step, steps):
             batch = next(data_iterator)
-            state, metrics = train_step(state, base, _to_global(batch, batch_sharding))
+            global_batch = _to_global(batch, batch_sharding)
+            if compiled_step is None:  # every batch has the same shapes: one compilation
+                compiled_step = train_step.lower(state, base, global_batch).compile()
+                release_freed_memory()  # the compiler's, before the step's buffers come on top
+            state, metrics = compiled_step(state, base, global_batch)
             window_tokens += int(np.sum(batch["segment_ids_BxT"] > 0))
             if ids_log is not None and jax.process_index() == 0:
                 with ids_log.open("a") as f:
