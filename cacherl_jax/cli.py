@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from cacherl_jax.data.trajectory import TrajectoryError
 from cacherl_jax.eval.run import EvalError
 from cacherl_jax.model.config import CheckpointError
 from cacherl_jax.parallel import ShardingError
+from cacherl_jax.precision import full_float32_matmuls
 from cacherl_jax.train.errors import TrainingError
 
 
@@ -59,6 +59,7 @@ def _demo(args: argparse.Namespace) -> None:
         grpo_steps=args.grpo_steps,
         seed=args.seed,
         teacher=args.teacher,
+        eval_loop=args.eval_loop,
     )
 
 
@@ -196,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--teacher", default="template", help="configs/augment.py variant: template|endpoint|local"
     )
+    demo.add_argument(
+        "--eval-loop",
+        choices=["grpo", "default"],
+        default="grpo",
+        help="grpo: every stage evaluated alike with GRPO's evaluation loop; default: base and "
+        "SFT with evaluate_checkpoint's longer loop, GRPO from its run's own validation",
+    )
     demo.set_defaults(run=_demo)
 
     tasks = commands.add_parser(
@@ -317,20 +325,6 @@ CONFIG_COMMANDS = {
     "rft": lambda argv: _train_command("rft", argv),
     "plan": _plan,
 }
-
-
-def full_float32_matmuls() -> None:
-    """Multiply float32 matrices in float32 unless the user chose otherwise.
-
-    JAX on NVIDIA GPUs runs float32 matmuls in TF32 by default; torch does not. Measured on an
-    H200: our float32 logits 2.6e-4 (relative) from transformers' float32, against < 1e-5 at
-    "highest". `JAX_DEFAULT_MATMUL_PRECISION=default` (or `tensorfloat32`) brings TF32 back.
-    bfloat16 compute and CPU runs are unaffected.
-    """
-    if "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
-        import jax
-
-        jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

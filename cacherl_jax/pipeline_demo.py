@@ -244,7 +244,7 @@ def run(
     run_grpo: bool = True,
     sft_dir_reuse: str | Path | None = None,
     eval_base: bool = True,
-    eval_loop: str = "default",
+    eval_loop: str = "grpo",
     eval_memo: bool = False,
 ) -> dict[str, Any]:
     """The pipeline (defaults: what `cacherl demo` runs), or one variant of it.
@@ -263,11 +263,11 @@ def run(
         set and cache source. Nothing is generated, augmented or trained before the evaluations
         (`reasoning`, `teacher`, `train_tasks`, `sft_steps` and `sft_overrides` do not apply).
     eval_base: False skips the base (random) model's stage.
-    eval_loop: "default" evaluates base and SFT with `evaluate_checkpoint`'s loop settings and
-        takes the GRPO stage from the GRPO run's own validation (the demo); "grpo" evaluates every
-        stage alike, through `evaluate_stage` with the GRPO config's evaluation loop
-        (`grpo.loop_config(config, evaluation=True)`: its turn, token and length limits), the
-        GRPO run's own validation switched off (`eval_tasks.n=0`).
+    eval_loop: "grpo" (default) evaluates every stage alike, through `evaluate_stage` with the
+        GRPO config's evaluation loop (`grpo.loop_config(config, evaluation=True)`: its turn,
+        token and length limits), the GRPO run's own validation switched off (`eval_tasks.n=0`);
+        "default" evaluates base and SFT with `evaluate_checkpoint`'s loop settings and takes the
+        GRPO stage from the GRPO run's own validation (so the stages are not compared alike).
     eval_memo: remember each stage's evaluation beside its checkpoint (`evaluate_stage(memo=)`).
     """
     if eval_loop not in EVAL_LOOPS:

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cacherl_jax import reference
-from cacherl_jax.cli import full_float32_matmuls
 from cacherl_jax.model import count_params, load_hf_checkpoint, presets
+from cacherl_jax.precision import full_float32_matmuls
 from cacherl_jax.sampling import Sampler, SamplingParams
 
 ON_GPU = jax.default_backend() == "gpu"  # then transformers runs on the GPU too

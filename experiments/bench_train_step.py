@@ -55,8 +55,8 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
     import ml_collections
     import numpy as np
 
-    from cacherl_jax.cli import full_float32_matmuls
     from cacherl_jax.model import load_hf_checkpoint
+    from cacherl_jax.precision import full_float32_matmuls
     from cacherl_jax.train import sft
     from cacherl_jax.train.host_memory import release_freed_memory
     from cacherl_jax.train.optimizer import make_optimizer

@@ -110,7 +110,7 @@ def _matmul_precision_after_cli_setup(env_value: str | None) -> str:
     if env_value is not None:
         env["JAX_DEFAULT_MATMUL_PRECISION"] = env_value
     code = (
-        "import jax; from cacherl_jax.cli import full_float32_matmuls; full_float32_matmuls(); "
+        "import jax; from cacherl_jax.precision import full_float32_matmuls; full_float32_matmuls(); "
         "print(jax.config.jax_default_matmul_precision)"
     )
     out = subprocess.run(
