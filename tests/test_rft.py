@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scripted_policy import ScriptedPolicy
 
 from cacherl_jax import cli
 from cacherl_jax.agent.environment import Turn
@@ -21,7 +22,6 @@ from cacherl_jax.chat.tokenizer import train_tokenizer
 from cacherl_jax.data import load_jsonl
 from cacherl_jax.eval.suite import TaskResult
 from cacherl_jax.rl.rewards import Reward
-from cacherl_jax.sampling.sampler import Generation
 from cacherl_jax.train import rft, sft
 from cacherl_jax.train.errors import TrainingError
 from cacherl_jax.train.metrics import read_metrics
@@ -331,35 +331,6 @@ def test_select_round_trip_rule_success_filter_and_shared_seen():
 # --- the round-trip check on scripted rollouts ------------------------------------------------------
 
 
-class _State:
-    def __init__(self, length):
-        self.length = length
-
-
-class _Scripted:
-    """A policy that emits given token sequences, one per turn (row i, turn k: scripts[i][k])."""
-
-    def __init__(self, scripts):
-        self.scripts, self.turn = scripts, [0] * len(scripts)
-
-    def _emit(self, active):
-        out = []
-        for row, is_active in enumerate(active):
-            if not is_active:
-                out.append(Generation(np.zeros(0, np.int32), np.zeros(0), np.zeros(0), "inactive"))
-                continue
-            ids = np.asarray(self.scripts[row][self.turn[row]], np.int32)
-            out.append(Generation(ids, np.zeros(len(ids)), np.zeros(len(ids)), "stop"))
-            self.turn[row] += 1
-        return out
-
-    def start(self, prompts, sampling, *, max_len):
-        return _State(0), self._emit([True] * len(prompts))
-
-    def resume(self, state, new_tokens, sampling):
-        return _State(0), self._emit([bool(t) for t in new_tokens])
-
-
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
     root = tmp_path_factory.mktemp("roundtrip")
@@ -383,7 +354,7 @@ def _assistant_texts(task, tokenizer):
 
 
 def _rollout_of(task, tokenizer, cache, turns_ids):
-    loop = CacheAgentLoop(_Scripted([turns_ids]), tokenizer, cache, LoopConfig(group_size=1))
+    loop = CacheAgentLoop(ScriptedPolicy([turns_ids]), tokenizer, cache, LoopConfig(group_size=1))
     (rollout,) = loop.run([task])
     return rollout
 
