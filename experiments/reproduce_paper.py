@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{plan.workdir}"
     )
 
+    git = git_state()  # the code this invocation imported, not what the tree holds when it ends
     started = time.perf_counter()
     per_seed: dict[str, dict[int, dict]] = {name: {} for name in VARIANT_NAMES}
     ran, skipped = [], []
@@ -490,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s_this_invocation": total_s,
         "ran_this_invocation": ran,
         "estimate_s": estimate,
+        "git": git,
     }
     write_outputs(out_dir, plan, per_seed, summary, tables, run_info)
     print("\n" + tables["stage"] + "\n\n" + tables["ablation"] + "\n", flush=True)
@@ -545,7 +547,7 @@ def write_outputs(
         f"{tables['training']}\n\n"
         f"Notes. Exact-only cache: {EXACT_ONLY_NOTE}\n"
     )
-    git = git_state()
+    git = run_info["git"]
     machine = {
         "platform": platform.platform(),
         "python": platform.python_version(),
