@@ -9,7 +9,9 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 # As the CLI does: float32 parity with transformers holds on GPUs too (JAX's default there is
 # TF32, 2.6e-4 from the reference on an H200); no effect on CPU.
-jax.config.update("jax_default_matmul_precision", "highest")
+from cacherl_jax.precision import full_float32_matmuls  # noqa: E402
+
+full_float32_matmuls()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
