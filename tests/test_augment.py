@@ -454,8 +454,14 @@ def test_sigkill_mid_run_then_rerun_writes_every_input_exactly_once(tmp_path):
             "--progress=false", f"--config.teacher.endpoint.base_url={stub.base_url}",
             "--config.teacher.endpoint.concurrency=2", "--config.run.fsync_every=1",
         ]  # fmt: skip
+        # A suite started in the background (`make test &`) inherits SIGINT ignored, and Python
+        # then installs no KeyboardInterrupt handler: give the child the default disposition.
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 60
         while len(output_ids(output)) < 4 and time.monotonic() < deadline:
@@ -555,8 +561,14 @@ def test_ctrl_c_stops_at_once_keeps_finished_records_and_a_rerun_completes(tmp_p
             "--progress=false", f"--config.teacher.endpoint.base_url={stub.base_url}",
             "--config.teacher.endpoint.concurrency=2", "--config.teacher.endpoint.timeout_s=60",
         ]  # fmt: skip
+        # A suite started in the background (`make test &`) inherits SIGINT ignored, and Python
+        # then installs no KeyboardInterrupt handler: give the child the default disposition.
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 60
         while len(answered) <= hang["after"] + 1 and time.monotonic() < deadline:
