@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--fixed-weight", action="store_true", help="reward.tier_aware=False")
     parser.add_argument("--dr-grpo", action="store_true", help="advantages without std")
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument(
+        "--eval-samples", type=int, default=1, help="validation rollouts per task (1: greedy)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -77,6 +80,8 @@ def main() -> None:
         tasks_per_step=args.tasks_per_step, beta=args.beta, normalize_std=not args.dr_grpo
     )
     config.reward.tier_aware = not args.fixed_weight
+    if args.eval_samples > 1:  # the expected reward under the policy, not its greedy answer
+        config.eval.update(samples=args.eval_samples, temperature=1.0)
     config.train.update(
         lr=args.lr, steps=args.steps, eval_every=args.eval_every, export_hf=False,
         checkpoint_every=args.steps,
@@ -84,6 +89,7 @@ def main() -> None:
     name = (
         f"grpo_lr{args.lr:g}_g{args.group_size}_t{args.tasks_per_step}_b{args.beta:g}"
         f"{'_fixed' if args.fixed_weight else ''}{'_dr' if args.dr_grpo else ''}"
+        f"{f'_e{args.eval_samples}' if args.eval_samples > 1 else ''}"
     )
     start = time.perf_counter()
     grpo.train(config, root / name, progress=True)

@@ -14,7 +14,10 @@ from cacherl_jax.train.metrics import read_metrics
 from configs import grpo as grpo_configs
 from configs import sft as sft_configs
 
-KINDS = ("currency.rate", "currency.convert")  # 1- and 2-call tasks: quick to sample
+# Tasks whose first call takes no arguments (`get_special`): a 100-step SFT model makes it right,
+# so its rollouts meet the cache's exact tier whatever else they get wrong. (Calls that copy a word
+# from the request are beyond such a model: see "What GRPO does at CPU scale" in the README.)
+KINDS = ("shop.buy_special", "shop.buy_all_special")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def test_grpo_logs_every_metric_and_exports(grpo_run):
                 "reward/format", "reward/order", "groups_kept", "grad_norm"):  # fmt: skip
         assert key in records[-1], key
     # The SFT'd model makes tool calls, answered from the cache built from the trajectories.
-    assert sum(m["loop/calls_exact"] + m["loop/calls_fuzzy"] for m in records) > 0
+    assert all(m["loop/calls_exact"] > 0 for m in records)
     # Sampler and trainer agree on the log-probs of the sampled tokens (first update of a step).
     assert max(m["logp_gap_max"] for m in records) < 1e-3
     assert (run_dir / "hf" / "model.safetensors").exists()
