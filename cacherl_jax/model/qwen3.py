@@ -213,7 +213,47 @@ def _grouped_attention_cpu(
 def mlp(layer: Params, h_BxTxE: jax.Array) -> jax.Array:
     gate_BxTxF = dense(h_BxTxE, layer["w_gate"])
     up_BxTxF = dense(h_BxTxE, layer["w_up"])
-    return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, layer["w_down"])
+    return swiglu_down(gate_BxTxF, up_BxTxF, layer["w_down"])
+
+
+@jax.custom_vjp
+def swiglu_down(gate_BxTxF: jax.Array, up_BxTxF: jax.Array, w_down_FxE: jax.Array) -> jax.Array:
+    """`(silu(gate) * up) @ w_down`, whose backward pass keeps only `gate` and `up`.
+
+    Autodiff would also keep sigmoid(gate), silu(gate) and the product for the backward pass:
+    five [tokens, intermediate] arrays per layer where two suffice, since the other three are
+    cheap elementwise functions of these two. Measured on the 29M benchmark model (8 x 512 tokens,
+    float32, CPU): XLA's temporary memory for an SFT step 2.43 -> 2.25 GiB. (XLA's CPU scheduler
+    still computes part of the recomputation early, inside the forward pass.)
+    """
+    return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, w_down_FxE)
+
+
+def _swiglu_down_fwd(gate_BxTxF, up_BxTxF, w_down_FxE):
+    return swiglu_down(gate_BxTxF, up_BxTxF, w_down_FxE), (gate_BxTxF, up_BxTxF, w_down_FxE)
+
+
+def _swiglu_down_bwd(residuals, d_out_BxTxE):
+    # The barrier keeps XLA from merging this recomputation with the forward pass's, which would
+    # keep the forward's sigmoid alive until here (0.18 GiB more in the benchmark's SFT step).
+    gate_BxTxF, up_BxTxF, w_down_FxE = lax.optimization_barrier(residuals)
+    sigmoid_BxTxF = jax.nn.sigmoid(gate_BxTxF)
+    silu_BxTxF = gate_BxTxF * sigmoid_BxTxF
+    product_BxTxF = silu_BxTxF * up_BxTxF
+    # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    d_product_BxTxF = dense(d_out_BxTxE, w_down_FxE.T)
+    d_gate_BxTxF = (
+        d_product_BxTxF * up_BxTxF * (sigmoid_BxTxF * (1 + gate_BxTxF * (1 - sigmoid_BxTxF)))
+    )
+    d_up_BxTxF = d_product_BxTxF * silu_BxTxF
+    F, E = w_down_FxE.shape
+    d_w_down_FxE = jnp.matmul(
+        product_BxTxF.reshape(-1, F).T, d_out_BxTxE.reshape(-1, E).astype(product_BxTxF.dtype)
+    )
+    return d_gate_BxTxF, d_up_BxTxF, d_w_down_FxE.astype(w_down_FxE.dtype)
+
+
+swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
 
 
 def block(
