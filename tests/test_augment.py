@@ -437,6 +437,27 @@ def test_budget_stops_submitting_and_a_rerun_continues(tmp_path):
 # --- SIGKILL and rerun ----------------------------------------------------------------------------
 
 
+def augment_command(*args):
+    """`cacherl augment ARGS` as a command line that runs this checkout's code."""
+    main = (
+        "import sys; from cacherl_jax.data.thinking import augment_main; augment_main(sys.argv[1:])"
+    )
+    return [sys.executable, "-c", main, *args]
+
+
+def start_child(command):
+    """Starts `command` with SIGINT at its default: a suite started in the background
+    (`make test &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler in the child."""
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 def test_sigkill_mid_run_then_rerun_writes_every_input_exactly_once(tmp_path):
     delay = {"s": 0.15}
     source = write_input(tmp_path / "in.jsonl", [conversation(f"r{i}", i, 7) for i in range(30)])
@@ -447,22 +468,12 @@ def test_sigkill_mid_run_then_rerun_writes_every_input_exactly_once(tmp_path):
         return GOOD_REASONING
 
     with OpenAIStub(slow) as stub:
-        command = [
-            sys.executable, "-c",
-            "import sys; from cacherl_jax.data.thinking import augment_main; augment_main(sys.argv[1:])",
+        command = augment_command(
             "--config=configs/augment.py:endpoint", f"--input={source}", f"--output={output}",
             "--progress=false", f"--config.teacher.endpoint.base_url={stub.base_url}",
             "--config.teacher.endpoint.concurrency=2", "--config.run.fsync_every=1",
-        ]  # fmt: skip
-        # A suite started in the background (`make test &`) inherits SIGINT ignored, and Python
-        # then installs no KeyboardInterrupt handler: give the child the default disposition.
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+        )  # fmt: skip
+        process = start_child(command)
         deadline = time.monotonic() + 60
         while len(output_ids(output)) < 4 and time.monotonic() < deadline:
             assert process.poll() is None, process.stderr.read().decode()
@@ -554,22 +565,12 @@ def test_ctrl_c_stops_at_once_keeps_finished_records_and_a_rerun_completes(tmp_p
         return GOOD_REASONING
 
     with OpenAIStub(teacher) as stub:
-        command = [
-            sys.executable, "-c",
-            "import sys; from cacherl_jax.data.thinking import augment_main; augment_main(sys.argv[1:])",
+        command = augment_command(
             "--config=configs/augment.py:endpoint", f"--input={source}", f"--output={output}",
             "--progress=false", f"--config.teacher.endpoint.base_url={stub.base_url}",
             "--config.teacher.endpoint.concurrency=2", "--config.teacher.endpoint.timeout_s=60",
-        ]  # fmt: skip
-        # A suite started in the background (`make test &`) inherits SIGINT ignored, and Python
-        # then installs no KeyboardInterrupt handler: give the child the default disposition.
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+        )  # fmt: skip
+        process = start_child(command)
         deadline = time.monotonic() + 60
         while len(answered) <= hang["after"] + 1 and time.monotonic() < deadline:
             assert process.poll() is None, process.stderr.read().decode()

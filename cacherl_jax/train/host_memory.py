@@ -20,7 +20,7 @@ def release_freed_memory() -> bool:
     Compiling a train step leaves XLA's compiler memory freed but still resident in glibc's
     arenas (0.42 GiB for the 29M benchmark model), and the step's own buffers then come on top:
     trimming between compilation and the first step lowered the SFT step's peak resident memory
-    from ~3.7 to 3.27 GiB there.
+    from 3.50 to 3.08 GiB there.
     """
     trim = _malloc_trim()
     if trim is None:
