@@ -101,11 +101,26 @@ def _chat_show(args: argparse.Namespace) -> None:
         print(inspect.format_tokens(rendered, tokenizer, color=color))
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
+
+
 def _tasks(args: argparse.Namespace) -> None:
     from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
 
     generated = generate_tasks(args.split, args.n, args.seed, tools=args.tools)
-    print(write_trajectories(args.output, generated, reasoning=not args.no_reasoning))
+    print(
+        write_trajectories(
+            args.output,
+            generated,
+            reasoning=not args.no_reasoning,
+            plan_only_fraction=args.plan_only_fraction,
+            seed=args.seed,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tools", choices=["kind", "domain"], default="kind", help="offer the task's tools or all"
     )
     tasks.add_argument("--no-reasoning", action="store_true", help="no short reasoning strings")
+    tasks.add_argument(
+        "--plan-only-fraction",
+        type=_fraction,
+        default=0.0,
+        help="share of trajectories that answer with a plan and call nothing (noisy teacher data)",
+    )
     tasks.add_argument("--output", required=True)
     tasks.set_defaults(run=_tasks)
 

@@ -1,13 +1,16 @@
 """Does GRPO raise the validation reward of an SFT'd tiny model? A short run, evaluated as it goes.
 
-    .venv/bin/python experiments/grpo_smoke.py --workdir runs/smoke --sft-steps 400 --lr 3e-4 \
-        --steps 30 --group-size 8 --tasks-per-step 8 --fixed-weight
+    .venv/bin/python experiments/grpo_smoke.py --workdir runs/rise --seed 0 \
+        --kinds shop.buy_special shop.buy_all_special --sft-steps 300 --plan-only-fraction 0.5 \
+        --lr 3e-4 --steps 20 --val-tasks 16 --eval-samples 4
 
-SFT of the tiny Qwen3 on procedural trajectories of `--kinds` (skipped when the workdir already
-holds it, so several GRPO settings can share one SFT), then GRPO from that checkpoint on the
-training tasks with cache-backed rollouts, evaluating greedily with live tools on `--val-tasks`
-validation tasks every `--eval-every` steps. Prints the training reward per step, the validation
-curve, and as its last line a JSON object with the validation reward before and after.
+SFT of the tiny Qwen3 on procedural trajectories of `--kinds`, a `--plan-only-fraction` of them
+written as a weak teacher would (a plan, no call), skipped when the workdir already holds it, so
+several GRPO settings can share one SFT. Then GRPO from that checkpoint on the training tasks with
+rollouts answered by a tool cache built from every task's reference trajectory, evaluating with
+live tools on `--val-tasks` validation tasks every `--eval-every` steps (greedily, or by
+`--eval-samples` rollouts per task at temperature 1). Prints the training reward per step, the
+validation curve, and as its last line a JSON object with the validation reward before and after.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["currency.rate", "currency.convert"])
     parser.add_argument("--train-tasks", type=int, default=600)
     parser.add_argument("--val-tasks", type=int, default=32)
+    parser.add_argument(
+        "--seq-len", type=int, default=512, help="SFT row length and rollout length in tokens"
+    )
     parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument(
+        "--plan-only-fraction",
+        type=float,
+        default=0.0,
+        help="share of SFT trajectories that answer with a plan instead of calling tools",
+    )
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--group-size", type=int, default=4)
@@ -47,15 +59,18 @@ def main() -> None:
 
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    data = root / "train.jsonl"
+    data = root / "train.jsonl"  # SFT data: some trajectories plan-only with --plan-only-fraction
+    reference = root / "reference.jsonl"  # every task solved: the calls the tool cache records
     sft_hf = root / "sft" / "hf"
+    tasks = generate_tasks("train", args.train_tasks, args.seed, kinds=args.kinds)
+    if not reference.exists():
+        write_trajectories(reference, tasks)
     if not (sft_hf / "model.safetensors").exists():
-        tasks = generate_tasks("train", args.train_tasks, args.seed, kinds=args.kinds)
-        write_trajectories(data, tasks)
+        write_trajectories(data, tasks, plan_only_fraction=args.plan_only_fraction, seed=args.seed)
         config = load_config("sft", "tiny")
         config.seed = args.seed
         config.data.train = str(data)
-        config.data.seq_len = 384
+        config.data.seq_len = args.seq_len
         config.train.steps = args.sft_steps
         config.train.checkpoint_every = args.sft_steps
         start = time.perf_counter()
@@ -65,11 +80,11 @@ def main() -> None:
     config = load_config("grpo", "tiny")
     config.seed = args.seed
     config.model.checkpoint = str(sft_hf)
-    config.cache.build_from = str(data)
+    config.cache.build_from = str(reference)
     config.tasks.update(source="jsonl", path=str(data), n=0)
     config.eval_tasks.update(n=args.val_tasks, kinds=tuple(args.kinds), seed=args.seed)
     config.loop.update(
-        max_len=384,
+        max_len=args.seq_len,
         cache_len=1024,
         max_new_tokens=64,
         max_turns=4,

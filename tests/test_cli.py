@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from conftest import SHARDABLE_CONFIG
 
 from cacherl_jax import cli
@@ -123,3 +124,18 @@ def test_commands_use_full_float32_matmuls_unless_the_user_chose():
     # JAX's GPU default is TF32; the commands ask for float32 like torch, but a user's choice wins.
     assert _matmul_precision_after_cli_setup(None) == "highest"
     assert _matmul_precision_after_cli_setup("tensorfloat32") == "tensorfloat32"
+
+
+def test_tasks_writes_noisy_teacher_data_and_rejects_a_bad_fraction(tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    argv = ["tasks", "--split", "train", "--n", "40", "--output", str(path)]
+    assert cli.main([*argv, "--plan-only-fraction", "0.5"]) == 0
+    assert capsys.readouterr().out.strip() == "40"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    plan_only = [r for r in records if r["metadata"].get("plan_only")]
+    assert 0 < len(plan_only) < 40
+    assert all(len(r["messages"]) == 3 for r in plan_only)  # system, user, the plan
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--plan-only-fraction", "1.5"])
+    assert stop.value.code == 2
+    assert "--plan-only-fraction: 1.5 is not a fraction in [0, 1]" in capsys.readouterr().err

@@ -13,14 +13,17 @@ from cacherl_jax.agent.procedural import (
     SPLITS,
     all_kinds,
     generate_tasks,
+    plan_only_trajectory,
     reference_trajectory,
     write_trajectories,
 )
+from cacherl_jax.agent.procedural.solver import PLAN_ONLY_ANSWER
 from cacherl_jax.agent.procedural.suite import combos_for, templates_for
 from cacherl_jax.chat.template import render, render_text
 from cacherl_jax.chat.tokenizer import train_tokenizer
 from cacherl_jax.data import Trajectory, load_jsonl
 from cacherl_jax.data.pipeline import render_examples
+from cacherl_jax.rl.rewards import is_meta_answer
 
 STATEFUL_KINDS = {
     "calendar.schedule",
@@ -240,6 +243,39 @@ def test_trajectories_write_read_and_feed_the_sft_pipeline(tmp_path, tasks_by_sp
     assert loaded[0] == Trajectory.from_dict(reference_trajectory(tasks[0]).to_dict())
     no_reasoning = reference_trajectory(tasks[0], reasoning=False)
     assert not any("reasoning_content" in m for m in no_reasoning.messages)
+
+
+def test_plan_only_trajectories_mix_in_by_fraction(tmp_path, tasks_by_split):
+    tasks = tasks_by_split["train"][:200]
+    flawed = plan_only_trajectory(tasks[0])
+    # The request, then one assistant turn that only announces a plan: no call, no result.
+    assert flawed.messages[:-1] == tasks[0].messages
+    assert flawed.messages[-1] == {
+        "role": "assistant",
+        "content": PLAN_ONLY_ANSWER,
+        "reasoning_content": "I should use the tools.",
+    }
+    assert is_meta_answer(PLAN_ONLY_ANSWER)
+    assert Task.from_dict(flawed.metadata["task"]) == tasks[0]
+
+    def plan_only_ids(fraction, seed):
+        path = tmp_path / f"{fraction}_{seed}.jsonl"
+        assert write_trajectories(path, tasks, plan_only_fraction=fraction, seed=seed) == 200
+        loaded, _ = load_jsonl(path)
+        for trajectory in loaded:  # every trajectory is one of the two, whole
+            plan_only = trajectory.metadata.get("plan_only", False)
+            calls = sum(bool(m.get("tool_calls")) for m in trajectory.messages)
+            assert (calls == 0) == plan_only, trajectory.id
+        return {t.id for t in loaded if t.metadata.get("plan_only")}
+
+    half = plan_only_ids(0.5, seed=0)
+    assert 70 <= len(half) <= 130
+    assert plan_only_ids(0.5, seed=0) == half  # a function of the seed
+    assert plan_only_ids(0.5, seed=1) != half
+    assert plan_only_ids(0.0, seed=0) == set()
+    assert len(plan_only_ids(1.0, seed=0)) == 200
+    with pytest.raises(ValueError, match="plan_only_fraction"):
+        write_trajectories(tmp_path / "bad.jsonl", tasks, plan_only_fraction=1.5)
 
 
 def test_rendered_tasks_are_short(tmp_path, trajectories):

@@ -2,7 +2,11 @@
 dependent multi-call tasks, a reference solver and held-out splits, sized for CPU-scale runs."""
 
 from cacherl_jax.agent.procedural.environment import DOMAINS, ProceduralEnvironment
-from cacherl_jax.agent.procedural.solver import reference_trajectory, write_trajectories
+from cacherl_jax.agent.procedural.solver import (
+    plan_only_trajectory,
+    reference_trajectory,
+    write_trajectories,
+)
 from cacherl_jax.agent.procedural.suite import SPLITS, SYSTEM_PROMPT, all_kinds, generate_tasks
 
 __all__ = [
@@ -12,6 +16,7 @@ __all__ = [
     "ProceduralEnvironment",
     "all_kinds",
     "generate_tasks",
+    "plan_only_trajectory",
     "reference_trajectory",
     "write_trajectories",
 ]

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import os
+import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -96,9 +97,49 @@ def reference_trajectory(task: Task, *, reasoning: bool = True) -> Trajectory:
     )
 
 
+# What a weak teacher writes instead of acting: a plan, with no call and no result. The reward's
+# process score treats it as a meta answer (`cacherl_jax.rl.rewards.is_meta_answer`).
+PLAN_ONLY_ANSWER = "I will use the tools to look that up."
+
+
+def plan_only_trajectory(task: Task, *, reasoning: bool = True) -> Trajectory:
+    """A flawed trajectory of `task`: the assistant answers with a plan instead of calling tools.
+
+    Mixed into SFT data (`write_trajectories(plan_only_fraction=...)`), it gives a model that
+    sometimes acts and sometimes only talks about acting: the imperfect starting point that
+    reinforcement learning improves on, and a reward signal a tiny model can act on.
+    """
+    final: dict[str, Any] = {"role": "assistant", "content": PLAN_ONLY_ANSWER}
+    if reasoning:
+        final["reasoning_content"] = "I should use the tools."
+    trajectory = reference_trajectory(task, reasoning=reasoning)
+    trajectory.messages = [*copy.deepcopy(task.messages), final]
+    trajectory.metadata["plan_only"] = True
+    return trajectory
+
+
 def write_trajectories(
-    path: str | os.PathLike[str], tasks: Iterable[Task], *, reasoning: bool = True
+    path: str | os.PathLike[str],
+    tasks: Iterable[Task],
+    *,
+    reasoning: bool = True,
+    plan_only_fraction: float = 0.0,
+    seed: int = 0,
 ) -> int:
     """Writes the tasks' reference trajectories as JSONL (`cacherl_jax.data` format); returns the
-    count. `Task.from_dict(trajectory.metadata["task"])` gives each task back."""
-    return write_jsonl(path, (reference_trajectory(task, reasoning=reasoning) for task in tasks))
+    count. `Task.from_dict(trajectory.metadata["task"])` gives each task back.
+
+    `plan_only_fraction`: the share of tasks (drawn with `seed`) written as `plan_only_trajectory`
+    instead, to simulate noisy teacher data.
+    """
+    if not 0.0 <= plan_only_fraction <= 1.0:
+        raise ValueError(f"plan_only_fraction must lie in [0, 1], got {plan_only_fraction}")
+    rng = random.Random(seed)
+
+    def trajectories():
+        for task in tasks:
+            flawed = plan_only_fraction > 0 and rng.random() < plan_only_fraction
+            make = plan_only_trajectory if flawed else reference_trajectory
+            yield make(task, reasoning=reasoning)
+
+    return write_jsonl(path, trajectories())
