@@ -84,15 +84,21 @@ def task_kind(task: Task) -> TaskKind:
 def reference_trajectory(task: Task, *, reasoning: bool = True) -> Trajectory:
     """The full reference conversation of a procedural task, with the task in its metadata."""
     run = run_solver(task, task_kind(task), task.metadata["values"], reasoning=reasoning)
+    return _trajectory(task, run.messages)
+
+
+def _trajectory(task: Task, messages: list[dict[str, Any]], **metadata: Any) -> Trajectory:
+    """The task's request followed by `messages`, with the task in the metadata."""
     return Trajectory(
         id=task.id,
-        messages=copy.deepcopy(task.messages) + run.messages,
+        messages=copy.deepcopy(task.messages) + messages,
         tools=copy.deepcopy(task.tools),
         metadata={
             "source": "procedural",
             "split": task.split,
             "kind": task.metadata["kind"],
             "task": task.to_dict(),
+            **metadata,
         },
     )
 
@@ -112,10 +118,7 @@ def plan_only_trajectory(task: Task, *, reasoning: bool = True) -> Trajectory:
     final: dict[str, Any] = {"role": "assistant", "content": PLAN_ONLY_ANSWER}
     if reasoning:
         final["reasoning_content"] = "I should use the tools."
-    trajectory = reference_trajectory(task, reasoning=reasoning)
-    trajectory.messages = [*copy.deepcopy(task.messages), final]
-    trajectory.metadata["plan_only"] = True
-    return trajectory
+    return _trajectory(task, [final], plan_only=True)
 
 
 def write_trajectories(
