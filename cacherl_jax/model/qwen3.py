@@ -13,6 +13,7 @@ Norms, softmax and RoPE run in float32 whatever the compute dtype; logits are fl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -164,50 +165,148 @@ def _grouped_attention_cpu(
 ) -> jax.Array:
     """The same attention written out for XLA's CPU backend, with the same causal block skipping.
 
-    Faster on CPU than `jax.nn.dot_product_attention` (which vmaps over the query group and
-    contracts [B, T, N, D] operands in place): the G query heads that share a key/value head are
-    stacked as rows, so each (batch, kv head) pair is one [G*T, D] x [D, S] matmul on contiguous
-    operands (the transposes fuse into RoPE); the scale goes on q (T*D multiplies, not T*S); and
-    the softmax is normalised after the value matmul (a [T, D] divide, not [T, S]). Measured on
-    2 busy cores at bench_29m shapes, 8 x 512 tokens: one layer's attention forward+backward
-    0.42 s -> 0.29 s; the whole training step 10.3 s -> 9.5-9.8 s, the forward 6.4 s -> 5.5 s.
+    The G query heads that share a key/value head are stacked as rows, so each (batch, kv head)
+    pair attends with [G*Q, D] x [D, S] matmuls on contiguous operands (the transposes fuse into
+    RoPE), and the scale goes on q (T*D multiplies, not T*S). `_pair_attention` then runs one
+    pair at a time with a hand-written backward pass; see there for why.
     """
     B, T, H, D = q_BxTxHxD.shape
     K = k_BxTxKxD.shape[2]
     G = H // K
     block = min(config.attention_block or T, T)
     scale = jnp.asarray(config.head_dim**-0.5, q_BxTxHxD.dtype)
-    q_BxKxGxTxD = (q_BxTxHxD * scale).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
-    k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
-    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
-    outs = []
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        Q = stop - start  # queries in this block; R = G * Q rows once the group is stacked
-        q_BxKxRxD = q_BxKxGxTxD[:, :, :, start:stop].reshape(B, K, G * Q, D)
-        logits_BxKxRxS = jnp.einsum(
-            "bkrd,bksd->bkrs",
-            q_BxKxRxD,
-            k_BxKxTxD[:, :, :stop],
-            preferred_element_type=jnp.float32,
+    q_NxGxTxD = (q_BxTxHxD * scale).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
+    q_NxGxTxD = q_NxGxTxD.reshape(B * K, G, T, D)  # N = B * K (batch, kv head) pairs
+    k_NxTxD = k_BxTxKxD.transpose(0, 2, 1, 3).reshape(B * K, T, D)
+    v_NxTxD = v_BxTxKxD.transpose(0, 2, 1, 3).reshape(B * K, T, D)
+    out_NxGxTxD = _pair_attention(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block)
+    return out_NxGxTxD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def _query_blocks(T: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, T)) for start in range(0, T, block)]
+
+
+def _pair_logits(q_GxQxD: jax.Array, k_SxD: jax.Array, mask_QxS: jax.Array) -> jax.Array:
+    """Masked float32 logits [G, Q, S] of one query block against the keys before its end."""
+    G, Q, D = q_GxQxD.shape
+    logits_RxS = jnp.matmul(
+        q_GxQxD.reshape(G * Q, D), k_SxD.T, preferred_element_type=jnp.float32
+    )  # R = G * Q rows: the group's heads stacked
+    return jnp.where(mask_QxS, logits_RxS.reshape(G, Q, -1), -jnp.inf)
+
+
+def _pair_forward(q_GxTxD, k_TxD, v_TxD, mask_TxT, block):
+    """One (batch, kv head) pair: (out [G, T, D], row max [G, T, 1], 1 / row sum [G, T, 1])."""
+    G, T, D = q_GxTxD.shape
+    outs, maxes, inverse_sums = [], [], []
+    for start, stop in _query_blocks(T, block):
+        Q = stop - start
+        logits_GxQxS = _pair_logits(
+            q_GxTxD[:, start:stop], k_TxD[:stop], mask_TxT[start:stop, :stop]
         )
-        logits_BxKxGxQxS = logits_BxKxRxS.reshape(B, K, G, Q, stop)
-        mask_Bx1x1xQxS = mask_BxTxT[:, None, None, start:stop, :stop]
-        logits_BxKxGxQxS = jnp.where(mask_Bx1x1xQxS, logits_BxKxGxQxS, -jnp.inf)
         # Every row keeps at least its own key, so the max is finite.
-        max_BxKxGxQx1 = lax.stop_gradient(jnp.max(logits_BxKxGxQxS, axis=-1, keepdims=True))
-        exp_BxKxGxQxS = jnp.exp(logits_BxKxGxQxS - max_BxKxGxQx1)
-        sum_BxKxGxQx1 = jnp.sum(exp_BxKxGxQxS, axis=-1, keepdims=True)
-        out_BxKxRxD = jnp.einsum(
-            "bkrs,bksd->bkrd",
-            exp_BxKxGxQxS.reshape(B, K, G * Q, stop).astype(v_BxKxTxD.dtype),
-            v_BxKxTxD[:, :, :stop],
+        max_GxQx1 = jnp.max(logits_GxQxS, axis=-1, keepdims=True)
+        exp_GxQxS = jnp.exp(logits_GxQxS - max_GxQx1)
+        inverse_sum_GxQx1 = 1.0 / jnp.sum(exp_GxQxS, axis=-1, keepdims=True)
+        # Normalised after the value matmul: a [Q, D] multiply, not [Q, S].
+        out_RxD = jnp.matmul(
+            exp_GxQxS.reshape(G * Q, stop).astype(v_TxD.dtype),
+            v_TxD[:stop],
             preferred_element_type=jnp.float32,
         )
-        out_BxKxGxQxD = out_BxKxRxD.reshape(B, K, G, Q, D) / sum_BxKxGxQx1
-        outs.append(out_BxKxGxQxD.astype(q_BxTxHxD.dtype))
-    out_BxKxGxTxD = jnp.concatenate(outs, axis=3)
-    return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+        outs.append((out_RxD.reshape(G, Q, D) * inverse_sum_GxQx1).astype(q_GxTxD.dtype))
+        maxes.append(max_GxQx1)
+        inverse_sums.append(inverse_sum_GxQx1)
+    return (
+        jnp.concatenate(outs, axis=1),
+        jnp.concatenate(maxes, axis=1),
+        jnp.concatenate(inverse_sums, axis=1),
+    )
+
+
+def _pair_backward(
+    q_GxTxD, k_TxD, v_TxD, mask_TxT, out_GxTxD, max_GxTx1, inverse_sum_GxTx1, d_out_GxTxD, block
+):
+    """Gradients (dq, dk, dv) of one pair, the softmax recomputed from the saved row stats."""
+    G, T, D = q_GxTxD.shape
+    f32 = jnp.float32
+    dq_blocks = []
+    dk_TxD = jnp.zeros(k_TxD.shape, f32)
+    dv_TxD = jnp.zeros(v_TxD.shape, f32)
+    for start, stop in _query_blocks(T, block):
+        Q = stop - start
+        R = G * Q
+        q_GxQxD = q_GxTxD[:, start:stop]
+        logits_GxQxS = _pair_logits(q_GxQxD, k_TxD[:stop], mask_TxT[start:stop, :stop])
+        p_GxQxS = (
+            jnp.exp(logits_GxQxS - max_GxTx1[:, start:stop]) * inverse_sum_GxTx1[:, start:stop]
+        )
+        d_out_GxQxD = d_out_GxTxD[:, start:stop]
+        # Softmax backward: d logits = p * (d p - rowsum(d out * out)).
+        delta_GxQx1 = jnp.sum(
+            d_out_GxQxD.astype(f32) * out_GxTxD[:, start:stop].astype(f32), axis=-1, keepdims=True
+        )
+        d_out_RxD = d_out_GxQxD.reshape(R, D).astype(v_TxD.dtype)
+        d_p_RxS = jnp.matmul(d_out_RxD, v_TxD[:stop].T, preferred_element_type=f32)
+        d_logits_GxQxS = p_GxQxS * (d_p_RxS.reshape(G, Q, stop) - delta_GxQx1)
+        d_logits_RxS = d_logits_GxQxS.reshape(R, stop).astype(q_GxTxD.dtype)
+        p_RxS = p_GxQxS.reshape(R, stop).astype(v_TxD.dtype)
+        dv_TxD = dv_TxD.at[:stop].add(jnp.matmul(p_RxS.T, d_out_RxD, preferred_element_type=f32))
+        dq_RxD = jnp.matmul(d_logits_RxS, k_TxD[:stop], preferred_element_type=f32)
+        dq_blocks.append(dq_RxD.reshape(G, Q, D))
+        q_RxD = q_GxQxD.reshape(R, D)
+        dk_TxD = dk_TxD.at[:stop].add(jnp.matmul(d_logits_RxS.T, q_RxD, preferred_element_type=f32))
+    dq_GxTxD = jnp.concatenate(dq_blocks, axis=1)
+    return dq_GxTxD.astype(q_GxTxD.dtype), dk_TxD.astype(k_TxD.dtype), dv_TxD.astype(v_TxD.dtype)
+
+
+def _map_pairs(fn, mask_BxTxT: jax.Array, *pairs_N: jax.Array):
+    """`fn(*pair, mask)` for each (batch, kv head) pair in turn, the mask row taken by batch."""
+    N, B = pairs_N[0].shape[0], mask_BxTxT.shape[0]
+    K = N // B
+
+    def one(xs):
+        n, *pair = xs
+        return fn(*pair, lax.dynamic_index_in_dim(mask_BxTxT, n // K, keepdims=False))
+
+    return lax.map(one, (jnp.arange(N), *pairs_N))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _pair_attention(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block):
+    """Blocked causal attention of every (batch, kv head) pair, one pair at a time.
+
+    One pair's largest logits block fits in this machine's L2 cache, so the masking, softmax and
+    both matmuls of a block run on cached data; over the whole batch at once, every [R, S] pass
+    streams tens of MB from memory (measured at bench_29m shapes, 8 x 512 tokens: the forward
+    2x faster, forward + backward 10-15% faster). The backward pass recomputes each block's
+    softmax from the saved row max and sum (flash-attention style) instead of keeping every
+    block's exponentials: XLA plans 0.27 GiB less for the benchmark's SFT step.
+    """
+    return _pair_attention_fwd(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block)[0]
+
+
+def _pair_attention_fwd(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block):
+    forward = functools.partial(_pair_forward, block=block)
+    out_NxGxTxD, max_NxGxTx1, inverse_sum_NxGxTx1 = _map_pairs(
+        forward, mask_BxTxT, q_NxGxTxD, k_NxTxD, v_NxTxD
+    )
+    residuals = (q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, out_NxGxTxD, max_NxGxTx1)
+    return out_NxGxTxD, (*residuals, inverse_sum_NxGxTx1)
+
+
+def _pair_attention_bwd(block, residuals, d_out_NxGxTxD):
+    q, k, v, mask_BxTxT, out, maxes, inverse_sums = residuals
+
+    def pair(q, k, v, out, maxes, inverse_sums, d_out, mask):
+        return _pair_backward(q, k, v, mask, out, maxes, inverse_sums, d_out, block)
+
+    dq, dk, dv = _map_pairs(pair, mask_BxTxT, q, k, v, out, maxes, inverse_sums, d_out_NxGxTxD)
+    return dq, dk, dv, None
+
+
+_pair_attention.defvjp(_pair_attention_fwd, _pair_attention_bwd)
 
 
 def mlp(layer: Params, h_BxTxE: jax.Array) -> jax.Array:
