@@ -232,11 +232,14 @@ def _naive_attention_np(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT):
     return out
 
 
+@pytest.mark.parametrize("one_pair_at_a_time", [True, False])
 @pytest.mark.parametrize("block", [None, 32, 50])
-def test_cpu_attention_and_its_backward_pass_match_a_float64_reference(block, rng):
-    """The CPU attention (one (batch, kv head) pair at a time, causal blocks skipped) and its
-    hand-written backward pass (softmax recomputed from the saved row statistics) against float64
-    references: a numpy loop over heads for the output, autodiff of plain softmax attention for
+def test_cpu_attention_and_its_backward_pass_match_a_float64_reference(
+    block, one_pair_at_a_time, rng
+):
+    """Both forms of the CPU attention (one (batch, kv head) pair at a time with a hand-written
+    backward pass that recomputes the softmax from saved row statistics; all pairs at once under
+    autodiff), causal blocks skipped, against float64 references: a numpy loop over heads for the output, autodiff of plain softmax attention for
     the gradients; packed examples and padding included."""
     B, T, H, K, D = 2, 96, 4, 2, 16
     config = PARITY_CONFIGS["tied-theta5e6-headdim32-gqa4"].replace(
@@ -251,7 +254,8 @@ def test_cpu_attention_and_its_backward_pass_match_a_float64_reference(block, rn
     mask_BxTxT = np.asarray(qwen3.attention_mask(segments_BxT, segments_BxT, index_BxT, index_BxT))
 
     def ours(q, k, v):
-        return qwen3._grouped_attention_cpu(q, k, v, jnp.asarray(mask_BxTxT), config)
+        mask = jnp.asarray(mask_BxTxT)
+        return qwen3._grouped_attention_cpu(q, k, v, mask, config, one_pair_at_a_time)
 
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
     out, vjp = jax.vjp(jax.jit(ours), *f32)
@@ -280,7 +284,8 @@ def test_cpu_attention_and_its_backward_pass_match_a_float64_reference(block, rn
     assert np.all(np.asarray(dk)[1] == 0) and np.all(np.asarray(dv)[1] == 0)
 
 
-def test_cpu_attention_bfloat16_close_to_float32(rng):
+@pytest.mark.parametrize("one_pair_at_a_time", [True, False])
+def test_cpu_attention_bfloat16_close_to_float32(one_pair_at_a_time, rng):
     B, T, H, K, D = 2, 80, 4, 2, 16
     config = PARITY_CONFIGS["tied-theta5e6-headdim32-gqa4"].replace(head_dim=D, attention_block=32)
     q, k, v = (rng.standard_normal((B, T, n, D)) for n in (H, K, K))
@@ -289,7 +294,7 @@ def test_cpu_attention_bfloat16_close_to_float32(rng):
     mask_BxTxT = qwen3.attention_mask(segments_BxT, segments_BxT, index_BxT, index_BxT)
 
     def loss(q, k, v):
-        out = qwen3._grouped_attention_cpu(q, k, v, mask_BxTxT, config)
+        out = qwen3._grouped_attention_cpu(q, k, v, mask_BxTxT, config, one_pair_at_a_time)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -162,25 +162,74 @@ def _grouped_attention_cpu(
     v_BxTxKxD: jax.Array,
     mask_BxTxT: jax.Array,
     config: Qwen3Config,
+    one_pair_at_a_time: bool | None = None,
 ) -> jax.Array:
     """The same attention written out for XLA's CPU backend, with the same causal block skipping.
 
     The G query heads that share a key/value head are stacked as rows, so each (batch, kv head)
     pair attends with [G*Q, D] x [D, S] matmuls on contiguous operands (the transposes fuse into
-    RoPE), and the scale goes on q (T*D multiplies, not T*S). `_pair_attention` then runs one
-    pair at a time with a hand-written backward pass; see there for why.
+    RoPE), and the scale goes on q (T*D multiplies, not T*S).
+
+    `one_pair_at_a_time` (default: when this process sees one device) runs the pairs in turn with
+    a hand-written backward pass (`_pair_attention`: faster on one CPU, less memory). Across
+    devices the loop would gather the batch onto every device (XLA partitions a loop over a
+    sharded axis by replicating it), so there the pairs go through the batched form below.
     """
     B, T, H, D = q_BxTxHxD.shape
     K = k_BxTxKxD.shape[2]
     G = H // K
     block = min(config.attention_block or T, T)
     scale = jnp.asarray(config.head_dim**-0.5, q_BxTxHxD.dtype)
-    q_NxGxTxD = (q_BxTxHxD * scale).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
-    q_NxGxTxD = q_NxGxTxD.reshape(B * K, G, T, D)  # N = B * K (batch, kv head) pairs
-    k_NxTxD = k_BxTxKxD.transpose(0, 2, 1, 3).reshape(B * K, T, D)
-    v_NxTxD = v_BxTxKxD.transpose(0, 2, 1, 3).reshape(B * K, T, D)
-    out_NxGxTxD = _pair_attention(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block)
-    return out_NxGxTxD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+    q_BxKxGxTxD = (q_BxTxHxD * scale).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
+    k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
+    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
+    if one_pair_at_a_time is None:
+        one_pair_at_a_time = jax.device_count() == 1
+    if one_pair_at_a_time:  # N = B * K (batch, kv head) pairs
+        out_NxGxTxD = _pair_attention(
+            q_BxKxGxTxD.reshape(B * K, G, T, D),
+            k_BxKxTxD.reshape(B * K, T, D),
+            v_BxKxTxD.reshape(B * K, T, D),
+            mask_BxTxT,
+            block,
+        )
+        out_BxKxGxTxD = out_NxGxTxD.reshape(B, K, G, T, D)
+    else:
+        out_BxKxGxTxD = _batched_attention(q_BxKxGxTxD, k_BxKxTxD, v_BxKxTxD, mask_BxTxT, block)
+    return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def _batched_attention(q_BxKxGxTxD, k_BxKxTxD, v_BxKxTxD, mask_BxTxT, block):
+    """All pairs at once, differentiated by autodiff; normalised after the value matmul (a
+    [Q, D] divide, not [Q, S])."""
+    B, K, G, T, D = q_BxKxGxTxD.shape
+    outs = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        Q = stop - start  # queries in this block; R = G * Q rows once the group is stacked
+        q_BxKxRxD = q_BxKxGxTxD[:, :, :, start:stop].reshape(B, K, G * Q, D)
+        logits_BxKxRxS = jnp.einsum(
+            "bkrd,bksd->bkrs",
+            q_BxKxRxD,
+            k_BxKxTxD[:, :, :stop],
+            preferred_element_type=jnp.float32,
+        )
+        logits_BxKxGxQxS = logits_BxKxRxS.reshape(B, K, G, Q, stop)
+        mask_Bx1x1xQxS = mask_BxTxT[:, None, None, start:stop, :stop]
+        logits_BxKxGxQxS = jnp.where(mask_Bx1x1xQxS, logits_BxKxGxQxS, -jnp.inf)
+        # Every row keeps at least its own key, so the max is finite.
+        max_BxKxGxQx1 = lax.stop_gradient(jnp.max(logits_BxKxGxQxS, axis=-1, keepdims=True))
+        exp_BxKxGxQxS = jnp.exp(logits_BxKxGxQxS - max_BxKxGxQx1)
+        sum_BxKxGxQx1 = jnp.sum(exp_BxKxGxQxS, axis=-1, keepdims=True)
+        out_BxKxRxD = jnp.einsum(
+            "bkrs,bksd->bkrd",
+            exp_BxKxGxQxS.reshape(B, K, G * Q, stop).astype(v_BxKxTxD.dtype),
+            v_BxKxTxD[:, :, :stop],
+            preferred_element_type=jnp.float32,
+        )
+        out_BxKxGxQxD = out_BxKxRxD.reshape(B, K, G, Q, D) / sum_BxKxGxQx1
+        outs.append(out_BxKxGxQxD.astype(q_BxKxGxTxD.dtype))
+    return jnp.concatenate(outs, axis=3)
 
 
 def _query_blocks(T: int, block: int) -> list[tuple[int, int]]:
@@ -277,9 +326,9 @@ def _map_pairs(fn, mask_BxTxT: jax.Array, *pairs_N: jax.Array):
 def _pair_attention(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block):
     """Blocked causal attention of every (batch, kv head) pair, one pair at a time.
 
-    One pair's largest logits block fits in this machine's L2 cache, so the masking, softmax and
-    both matmuls of a block run on cached data; over the whole batch at once, every [R, S] pass
-    streams tens of MB from memory (measured at bench_29m shapes, 8 x 512 tokens: the forward
+    One pair's largest logits block (at the benchmark's shapes [2 * 128, 512] float32, 0.5 MB)
+    fits in a core's L2 cache here, so the masking, softmax and both matmuls of a block run on
+    cached data; over the whole batch at once, every [R, S] pass streams tens of MB from memory (measured at bench_29m shapes, 8 x 512 tokens: the forward
     2x faster, forward + backward 10-15% faster). The backward pass recomputes each block's
     softmax from the saved row max and sum (flash-attention style) instead of keeping every
     block's exponentials: XLA plans 0.27 GiB less for the benchmark's SFT step.
