@@ -38,12 +38,7 @@ def _timed(fn) -> float:
 def _median_time(fn, repeats: int) -> float:
     fn()  # compile / warm up
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn) for _ in range(repeats))
 
 
 def _peak_rss_gib() -> float:

@@ -275,7 +275,7 @@ def _pair_forward(q_GxTxD, k_TxD, v_TxD, mask_TxT, block):
 
 
 def _pair_backward(
-    q_GxTxD, k_TxD, v_TxD, mask_TxT, out_GxTxD, max_GxTx1, inverse_sum_GxTx1, d_out_GxTxD, block
+    q_GxTxD, k_TxD, v_TxD, out_GxTxD, max_GxTx1, inverse_sum_GxTx1, d_out_GxTxD, mask_TxT, block
 ):
     """Gradients (dq, dk, dv) of one pair, the softmax recomputed from the saved row stats."""
     G, T, D = q_GxTxD.shape
@@ -342,17 +342,14 @@ def _pair_attention_fwd(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block):
     out_NxGxTxD, max_NxGxTx1, inverse_sum_NxGxTx1 = _map_pairs(
         forward, mask_BxTxT, q_NxGxTxD, k_NxTxD, v_NxTxD
     )
-    residuals = (q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, out_NxGxTxD, max_NxGxTx1)
-    return out_NxGxTxD, (*residuals, inverse_sum_NxGxTx1)
+    pairs = (q_NxGxTxD, k_NxTxD, v_NxTxD, out_NxGxTxD, max_NxGxTx1, inverse_sum_NxGxTx1)
+    return out_NxGxTxD, (mask_BxTxT, pairs)
 
 
 def _pair_attention_bwd(block, residuals, d_out_NxGxTxD):
-    q, k, v, mask_BxTxT, out, maxes, inverse_sums = residuals
-
-    def pair(q, k, v, out, maxes, inverse_sums, d_out, mask):
-        return _pair_backward(q, k, v, mask, out, maxes, inverse_sums, d_out, block)
-
-    dq, dk, dv = _map_pairs(pair, mask_BxTxT, q, k, v, out, maxes, inverse_sums, d_out_NxGxTxD)
+    mask_BxTxT, pairs = residuals
+    backward = functools.partial(_pair_backward, block=block)
+    dq, dk, dv = _map_pairs(backward, mask_BxTxT, *pairs, d_out_NxGxTxD)
     return dq, dk, dv, None
 
 
