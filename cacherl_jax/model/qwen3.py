@@ -24,11 +24,14 @@ from cacherl_jax.model.config import Qwen3Config
 from cacherl_jax.model.params import Params
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis in float32, cast back before the scale as transformers does."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """RMSNorm over `axis` (the last by default; the sampler's feature-major activations use
+    others) in float32, cast back before the scale as transformers does."""
     x32 = x.astype(jnp.float32)
-    x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * x32.astype(x.dtype)
+    x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return weight.reshape(shape).astype(x.dtype) * x32.astype(x.dtype)
 
 
 def dense(x: jax.Array, w: jax.Array, n_contract: int = 1, **dot_kwargs) -> jax.Array:
