@@ -21,6 +21,11 @@ from cacherl_jax.model.config import CheckpointError
 from cacherl_jax.parallel import ShardingError
 from cacherl_jax.precision import full_float32_matmuls
 from cacherl_jax.train.errors import TrainingError
+from cacherl_jax.train.host_memory import restart_with_huge_pages
+
+# Commands that run XLA computations restart once with huge pages for XLA's buffers
+# (`host_memory.huge_pages_environment`: ~9% off an SFT step on CPU); the others start faster.
+XLA_COMMANDS = frozenset({"sft", "grpo", "rft", "plan", "check-model", "demo", "eval", "serve"})
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -349,6 +354,8 @@ CONFIG_COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in XLA_COMMANDS:
+        restart_with_huge_pages()  # only as the process's entry point: this replaces the process
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in CONFIG_COMMANDS:
         command, run = argv[0], lambda: CONFIG_COMMANDS[argv[0]](argv[1:])

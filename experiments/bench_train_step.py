@@ -1,14 +1,18 @@
 """One SFT step (forward, backward, clipping, AdamW) of our trainer against transformers + torch.
 
     .venv/bin/python experiments/bench_train_step.py [--batch 8] [--seq-len 512] [--repeats 5]
+        [--no-huge-pages]
 
 Model: Qwen3 with vocab 8192, hidden 512, MLP 1536, 8 layers, 8 heads (4 KV), head_dim 64, tied
 embeddings, float32, the same random weights on both sides. Each side runs in its own subprocess
 so its peak resident memory is its own. MFU is measured against a float32 matmul peak that this
 script measures with JAX in the same run: the fastest of 2048^3 matmuls timed 5 times before the
 steps and 3 times after each; `mfu_same_load` instead compares each step with the best matmul
-timed right after it (median over the steps). Prints a table, then one JSON line with `ratio`
-(ours / transformers tokens per second) and `mfu`.
+timed right after it (median over the steps). Our side runs as `cacherl sft` does, with glibc's
+malloc backing large blocks with transparent huge pages (`host_memory.huge_pages_environment`;
+`--no-huge-pages`: glibc's default); transformers runs as plain Python does (given huge pages
+too, it measured 655-698 tokens/s against 717-725 without). Prints a table, then one JSON line
+with `ratio` (ours / transformers tokens per second) and `mfu`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ def _median_time(fn, repeats: int) -> float:
     fn()  # compile / warm up
     fn()
     return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _peak_rss_gib() -> float:
@@ -122,8 +130,11 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
     )
     peaks = [matmul_gflops(5)]
     step_seconds, same_load = [], []
+    faults = 0
     for _ in range(repeats):
+        before = _minor_faults()
         step_seconds.append(_timed(one_step))
+        faults += _minor_faults() - before
         peaks.append(matmul_gflops(3))
         step_gflops = flops_per_token * batch * seq_len / step_seconds[-1] / 1e9
         same_load.append(step_gflops / peaks[-1])
@@ -131,6 +142,7 @@ def run_jax(checkpoint: str, batch: int, seq_len: int, repeats: int) -> dict:
     device_stats = jax.devices()[0].memory_stats() or {}
     return {
         "seconds": seconds,
+        "page_faults_per_step": faults / repeats,
         "first_loss": first_loss,
         "peak_rss_gib": _peak_rss_gib(),
         "peak_device_gib": device_stats.get("peak_bytes_in_use", 0) / 1024**3,
@@ -190,6 +202,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--no-huge-pages", action="store_true", help="our side with glibc's default malloc too"
+    )
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,8 +216,15 @@ def main() -> None:
 
     from cacherl_jax import reference
     from cacherl_jax.model import presets
+    from cacherl_jax.train.host_memory import HUGE_PAGES_TUNABLE, huge_pages_environment
 
     config = presets.preset(MODEL)
+    # Each side as its users run it: ours as `cacherl sft` does, transformers as plain Python.
+    environ = {**os.environ, "TQDM_DISABLE": "1"}
+    environs = {"jax": environ, "torch": environ}
+    if not args.no_huge_pages:
+        environs["jax"] = huge_pages_environment(environ) or environ
+    huge_pages = HUGE_PAGES_TUNABLE in environs["jax"].get("GLIBC_TUNABLES", "")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_random_hf_checkpoint(config, tmp)
@@ -226,7 +248,7 @@ def main() -> None:
                 check=True,
                 capture_output=True,
                 text=True,
-                env={**os.environ, "TQDM_DISABLE": "1"},
+                env=environs[side],
             )
             results[side] = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -238,7 +260,8 @@ def main() -> None:
     import jax
 
     where = jax.devices()[0].device_kind if _on_gpu() else f"{os.cpu_count()} CPU cores"
-    print(f"SFT step, Qwen3 {MODEL} float32, batch {args.batch} x {args.seq_len}, {where}")
+    pages = "ours with huge pages" if huge_pages else "glibc's default malloc"
+    print(f"SFT step, Qwen3 {MODEL} float32, batch {args.batch} x {args.seq_len}, {where}, {pages}")
     print(f"{'':<26} {'ours (JAX)':>12} {'transformers':>14}")
     print(f"{'tokens/s':<26} {ours_tps:>12.0f} {theirs_tps:>14.0f}")
     print(f"{'seconds/step':<26} {ours['seconds']:>12.3f} {theirs['seconds']:>14.3f}")
@@ -246,6 +269,7 @@ def main() -> None:
     print(
         f"{'peak RSS GiB (process)':<26} {ours['peak_rss_gib']:>12.2f} {theirs['peak_rss_gib']:>14.2f}"
     )
+    print(f"{'page faults per step':<26} {ours['page_faults_per_step']:>12.0f} {'':>14}")
     if _on_gpu():
         print(
             f"{'peak GPU memory GiB':<26} {ours['peak_device_gib']:>12.2f} {theirs['peak_device_gib']:>14.2f}"
@@ -266,7 +290,9 @@ def main() -> None:
                 "peak_rss_gib": round(ours["peak_rss_gib"], 3),
                 "peak_rss_gib_transformers": round(theirs["peak_rss_gib"], 3),
                 "xla_planned_gib": round(ours["xla_bytes_gib"], 3),
+                "page_faults_per_step": round(ours["page_faults_per_step"]),
                 "device": where,
+                "huge_pages": huge_pages,
                 "peak_device_gib": round(ours["peak_device_gib"], 3),
                 "peak_device_gib_transformers": round(theirs["peak_device_gib"], 3),
             }
