@@ -41,12 +41,10 @@ def glibc_version() -> tuple[int, int] | None:
     """(major, minor) of the running glibc; None for another C library or OS."""
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-    except (AttributeError, ValueError, OSError):
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):  # no confstr, no such name, an odd version
         return None
-    if name != "glibc":
-        return None
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
 
 
 def huge_pages_environment(
@@ -59,8 +57,8 @@ def huge_pages_environment(
     Why: XLA:CPU allocates an executable's temporary buffers at every call (2.3 GiB for the 29M
     benchmark model's SFT step) and glibc maps such blocks afresh each time, so every step
     first-touches them in 4 KiB pages: ~523,000 page faults and 1.2 s of system time per step.
-    With 2 MiB pages that falls to ~1,300 faults and the step takes 5.5-5.9 s instead of 6.1-6.5
-    (six processes each way, alternating); resident memory unchanged."""
+    With 2 MiB pages that falls to ~1,400 faults and the step takes 5.5-5.9 s instead of 6.1-7.2
+    (medians of six processes each way, alternating); resident memory unchanged."""
     if environ.get(HUGE_PAGES_SWITCH, "1") == "0":
         return None
     libc = glibc_version() if libc is None else libc
