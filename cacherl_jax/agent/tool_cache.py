@@ -53,6 +53,11 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 from rapidfuzz import fuzz, process
 
+try:  # the C inner loops (_fuzzy_kernels.c), built at install where a compiler is found
+    from cacherl_jax.agent import _fuzzy_kernels
+except ImportError:  # the same search in Python
+    _fuzzy_kernels = None
+
 if TYPE_CHECKING:
     from cacherl_jax.data.trajectory import Trajectory
 
@@ -80,6 +85,7 @@ VECTORISE_ABOVE = 24  # candidates scored with numpy rather than plain Python
 LOOP_RATIOS = 12  # strings compared by a Python loop over fuzz.ratio rather than one cdist
 NEIGHBOUR_SLACK = 1.0  # how far below their bound step 2's neighbours still stand for near values
 REBUILD_AFTER = 1024  # values added since an index was built before it is rebuilt
+COMPILED = _fuzzy_kernels is not None  # whether the C inner loops run (else their Python twins)
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -566,13 +572,14 @@ def _edit_hash_array(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return hashes, np.concatenate([np.arange(len(texts)), owner])
 
 
-def _min_indel(query_length: int, length: int, indexed: bool) -> int:
-    """The smallest Indel distance between a query text and a value of `length` characters that
-    an `_EditIndex` search did not find (`indexed`: values of that length are in the index)."""
-    gap = abs(query_length - length)
-    if not indexed:
-        return gap or 2
-    return (4, 3, 2)[gap] if gap < 3 else gap  # found: all within 1, and same-length within 2
+def _min_indels(query_lengths: np.ndarray, lengths: np.ndarray, indexed: np.ndarray) -> np.ndarray:
+    """The smallest Indel distance between a query text and a value of each length that an
+    `_EditIndex` search did not find (`indexed`: values of that length are in the index), for each
+    query length (rows) and value length (columns)."""
+    gap = np.abs(query_lengths[:, None] - lengths[None, :])
+    # Found: all values within 1, and those of the query's length within 2.
+    in_index = np.where(gap < 3, np.array([4, 3, 2])[np.minimum(gap, 2)], gap)
+    return np.where(indexed[None, :], in_index, np.where(gap == 0, 2, gap))
 
 
 class _EditIndex:
@@ -602,9 +609,15 @@ class _EditIndex:
         self.starts = array.array(offsets, starts.astype(offsets).tobytes())
         self.hashes = array.array("I", hashes.tobytes())
         self.value_ids = array.array("i", value_ids[short][owner[order]].astype(np.int32).tobytes())
-        self.lengths = [(int(n), True) for n in np.unique(lengths[short])]
-        self.lengths += [(int(n), False) for n in np.unique(lengths[~short])]
-        self.bounds: dict[int, float] = {}
+        # bounds[n]: the highest ratio a value the search misses can have, for an n-character
+        # query (computed for every n once: lazily it cost more than the search itself).
+        value_lengths = np.concatenate([np.unique(lengths[short]), np.unique(lengths[~short])])
+        indexed = np.arange(len(value_lengths)) < len(np.unique(lengths[short]))
+        query_lengths = np.arange(EDIT_MAX_LENGTH + 1)
+        totals = query_lengths[:, None] + value_lengths[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = 100.0 * (1.0 - _min_indels(query_lengths, value_lengths, indexed) / totals)
+        self.bounds = np.where(totals > 0, ratios, 0.0).max(axis=1, initial=0.0).tolist()
 
     def neighbours(self, text: str) -> set[int]:
         """Ids of the values the hashes of `text` meet (a rare collision adds a stray one)."""
@@ -618,16 +631,7 @@ class _EditIndex:
         return found
 
     def bound(self, query_length: int) -> float:
-        bound = self.bounds.get(query_length)
-        if bound is None:
-            bound = 0.0
-            for length, indexed in self.lengths:
-                total = query_length + length
-                if total:
-                    indel = _min_indel(query_length, length, indexed)
-                    bound = max(bound, 100.0 * (1.0 - indel / total))
-            self.bounds[query_length] = bound
-        return bound
+        return self.bounds[query_length]
 
 
 class _NumberIndex:
@@ -857,10 +861,24 @@ class _Column:
         size = len(self.texts)
         if self.edits is None or size - self.edits.size > REBUILD_AFTER:
             self.edits = _EditIndex(self)
-        bound = self.edits.bound(len(text))
-        found = self.edits.neighbours(text)
-        if self.edits.size < size:
-            found.update(self._added_since(self.edits.size, _TEXT).tolist())
+        edits = self.edits
+        bound = edits.bound(len(text))
+        added = self._added_since(edits.size, _TEXT).tolist() if edits.size < size else None
+        if COMPILED:  # the loops below in C, with the same result (dict order included)
+            shift = 32 - edits.bits
+            return _fuzzy_kernels.edit_neighbours(
+                text,
+                edits.hashes,
+                edits.starts,
+                edits.value_ids,
+                shift,
+                self.texts,
+                self.kinds,
+                added,
+            ), bound
+        found = edits.neighbours(text)
+        if added:
+            found.update(added)
         neighbours = {}
         texts, kinds, ratio = self.texts, self.kinds, fuzz.ratio
         for value_id in found:
@@ -1068,6 +1086,14 @@ class _Block:
             if memo is None:
                 memo = known[name] = {}
             columns.append((self.columns[name], value, memo))
+        if COMPILED:  # the loop below in C
+            return _fuzzy_kernels.best_entry(
+                local_ids,
+                [
+                    (c.entry_value_ids, memo, c.kinds, c.texts, c.numbers, value)
+                    for c, value, memo in columns
+                ],
+            )
         best_total, best_id = -1.0, 0
         for local_id in local_ids:
             total = 0.0
