@@ -172,3 +172,35 @@ def test_whole_searches_give_the_same_hits_compiled_or_not(tmp_path, monkeypatch
             without.score,
             without.entry.canonical_args,
         )
+
+
+_FLAT_VALUES = st.one_of(
+    st.text(' \t\n\x0b\x0c\r\x1c\x1f\x7f\x00"\\/abc\u00e9e\u0301\u00a0\u2028\x85', max_size=12),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1.0, 2.5, 1e300, 1e-7, 1e16, True, False, None]),
+    st.lists(st.integers(), max_size=2),  # nested: left to the Python code
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(arguments=st.dictionaries(st.text('ab\u00e9"\n', min_size=1, max_size=3), _FLAT_VALUES))
+def test_canonical_arguments_equal_the_python_ones(arguments):
+    compiled = tc.canonical_arguments(arguments)
+    flat = kernels.canonical_arguments(arguments, tc.normalise_string, tc._escape)
+    tc.COMPILED = False
+    try:
+        python = tc.canonical_arguments(arguments)
+    finally:
+        tc.COMPILED = True
+    assert compiled[1] == python[1]
+    assert list(compiled[0]) == list(python[0])  # names in the call's order
+    for name, value in python[0].items():
+        assert type(compiled[0][name]) is type(value)
+        assert compiled[0][name] == value or (value != value and compiled[0][name] != value)
+    # The C path answers every flat call and leaves nested values and inf/nan to Python.
+    nested = any(
+        isinstance(v, list) or (isinstance(v, float) and not math.isfinite(v))
+        for v in arguments.values()
+    )
+    assert (flat is None) == nested

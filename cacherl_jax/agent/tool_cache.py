@@ -194,6 +194,10 @@ def canonical_arguments(arguments: Mapping[str, Any] | str | None) -> tuple[dict
     (as in OpenAI tool calls) or None for no arguments. Raises ToolCacheError for a string that is
     not a JSON object and TypeError for values JSON cannot hold."""
     if type(arguments) is dict:
+        if COMPILED:  # flat arguments, the usual call, in C (else None)
+            flat = _fuzzy_kernels.canonical_arguments(arguments, normalise_string, _escape)
+            if flat is not None:
+                return flat
         canonical = canonical_value(arguments)
         return canonical, _dumps_canonical(canonical)
     if arguments is None:
@@ -723,9 +727,14 @@ class _Column:
         self.post_starts = array.array("q", starts.tobytes())
         self.post_tail, self.post_tail_size = {}, 0
 
+    def ready_postings(self) -> None:
+        """Builds the postings on first use, and again once many entries were added since."""
+        if self.post_ids is None or self.post_tail_size > REBUILD_AFTER:
+            self.build_postings()
+
     def count(self, value_id: int) -> int:
         """How many entries hold the value."""
-        if self.post_ids is None or self.post_tail_size > REBUILD_AFTER:
+        if self.post_ids is None or self.post_tail_size > REBUILD_AFTER:  # (inline: a hot path)
             self.build_postings()
         starts = self.post_starts
         count = starts[value_id + 1] - starts[value_id] if value_id + 1 < len(starts) else 0
@@ -855,33 +864,25 @@ class _Column:
         return dict(zip(found.tolist(), similarity.tolist(), strict=True)), bound
 
     def edit_neighbours(self, text: str) -> tuple[dict[int, float], float]:
-        """({value id: similarity} of the values within one edit of `text`, bound): no other value
-        of the column is more similar than `bound` (see `_EditIndex`). The values added since the
-        index was built are all compared."""
+        """({value id: similarity} of the values within one edit of `text`, ids ascending, bound):
+        no other value of the column is more similar than `bound` (see `_EditIndex`). The values
+        added since the index was built are all compared."""
         size = len(self.texts)
         if self.edits is None or size - self.edits.size > REBUILD_AFTER:
             self.edits = _EditIndex(self)
         edits = self.edits
         bound = edits.bound(len(text))
         added = self._added_since(edits.size, _TEXT).tolist() if edits.size < size else None
-        if COMPILED:  # the loops below in C, with the same result (dict order included)
-            shift = 32 - edits.bits
-            return _fuzzy_kernels.edit_neighbours(
-                text,
-                edits.hashes,
-                edits.starts,
-                edits.value_ids,
-                shift,
-                self.texts,
-                self.kinds,
-                added,
-            ), bound
+        if COMPILED:  # the loops below in C
+            index = (edits.hashes, edits.starts, edits.value_ids, 32 - edits.bits)
+            found = _fuzzy_kernels.edit_neighbours(text, *index, self.texts, self.kinds, added)
+            return found, bound
         found = edits.neighbours(text)
         if added:
             found.update(added)
         neighbours = {}
         texts, kinds, ratio = self.texts, self.kinds, fuzz.ratio
-        for value_id in found:
+        for value_id in sorted(found):
             if kinds[value_id] != _EXACT_ONLY:
                 neighbours[value_id] = ratio(text, texts[value_id])
         return neighbours, bound
@@ -1039,6 +1040,14 @@ class _Block:
                 return math.inf, []
             neighbours[name] = found
             upper += found[1]
+        if COMPILED:  # the loop below in C
+            lists = []
+            for name, (found, bound) in neighbours.items():
+                column = self.columns[name]
+                column.ready_postings()
+                lists.append((found, bound, column.post_ids, column.post_starts, column.post_tail))
+            local_ids = _fuzzy_kernels.gather_postings(lists, POSTINGS_BUDGET)
+            return (math.inf, []) if local_ids is None else (upper, local_ids)
         chosen: set[int] = set()
         for name, (found, bound) in neighbours.items():
             column = self.columns[name]
