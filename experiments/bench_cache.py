@@ -297,7 +297,7 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
     # The plain JSON-file cache: every entry's canonical arguments JSON, grouped by tool, scanned
     # for the first perturbed calls (whose lookups were timed above, warm like these scans).
     by_tool: dict[str, list[str]] = {}
-    for tool, key in zip(cache._tools, cache._keys, strict=True):
+    for _, _, tool, key, _, _ in cache._entries:
         by_tool.setdefault(tool, []).append(key)
     compared = perturbed[: args.scan_queries]
     ours = by_set["perturbed"]["seconds"][: len(compared)]

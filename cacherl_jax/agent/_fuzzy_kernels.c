@@ -284,8 +284,8 @@ static PyObject *edit_neighbours(PyObject *module, PyObject *const *args, Py_ssi
         PyErr_SetString(PyExc_ValueError, "shift must be 1-31");
         return NULL;
     }
-    if (!PyList_Check(texts)) {
-        PyErr_SetString(PyExc_TypeError, "texts must be a list");
+    if (!PyList_Check(texts) && !PyTuple_Check(texts)) {
+        PyErr_SetString(PyExc_TypeError, "texts must be a list or a tuple");
         return NULL;
     }
 
@@ -316,13 +316,13 @@ static PyObject *edit_neighbours(PyObject *module, PyObject *const *args, Py_ssi
     if (out == NULL) goto done;
     for (Py_ssize_t i = 0; i < found.size; i++) {
         Py_ssize_t value_id = found.ids[i];
-        if (value_id < 0 || value_id >= kinds.len || value_id >= PyList_GET_SIZE(texts)) {
+        if (value_id < 0 || value_id >= kinds.len || value_id >= PySequence_Fast_GET_SIZE(texts)) {
             PyErr_SetString(PyExc_IndexError, "edit index: value id out of range");
             goto fail;
         }
         if (kind_of[value_id] == KIND_EXACT_ONLY) continue;
         Text value;
-        if (text_of(PyList_GET_ITEM(texts, value_id), &value) < 0) goto fail;
+        if (text_of(PySequence_Fast_GET_ITEM(texts, value_id), &value) < 0) goto fail;
         double ratio = ratio_from_lcs(text.length + value.length, lcs_with(&pattern, value));
         PyObject *id = PyLong_FromSsize_t(value_id), *score = PyFloat_FromDouble(ratio);
         int status = id == NULL || score == NULL ? -1 : PyDict_SetItem(out, id, score);
@@ -388,9 +388,11 @@ static int read_argument(PyObject *spec, Argument *argument) {
     argument->memo = PyTuple_GET_ITEM(spec, 1);
     argument->texts = PyTuple_GET_ITEM(spec, 3);
     PyObject *query = PyTuple_GET_ITEM(spec, 5);
-    if (!PyDict_Check(argument->memo) || !PyList_Check(argument->texts) ||
+    if (!PyDict_Check(argument->memo) ||
+        !(PyList_Check(argument->texts) || PyTuple_Check(argument->texts)) ||
         !PyTuple_Check(query) || PyTuple_GET_SIZE(query) != 4) {
-        PyErr_SetString(PyExc_TypeError, "memo must be a dict, texts a list, query a 4-tuple");
+        PyErr_SetString(PyExc_TypeError,
+                        "memo must be a dict, texts a list or tuple, query a 4-tuple");
         return -1;
     }
     argument->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(query, 1));
@@ -402,7 +404,7 @@ static int read_argument(PyObject *spec, Argument *argument) {
 
 /* _Column.similarity(query, value_id) for a value that is not the query's own. */
 static double similarity_of(Argument *argument, Py_ssize_t value_id) {
-    if (value_id >= argument->kinds.len || value_id >= PyList_GET_SIZE(argument->texts) ||
+    if (value_id >= argument->kinds.len || value_id >= PySequence_Fast_GET_SIZE(argument->texts) ||
         value_id >= argument->numbers.len / 8) {
         PyErr_SetString(PyExc_IndexError, "value id out of range");
         return -1.0;
@@ -412,7 +414,7 @@ static double similarity_of(Argument *argument, Py_ssize_t value_id) {
         return number_similarity(argument->number,
                                  ((const double *)argument->numbers.buf)[value_id]);
     if (argument->kind == KIND_EXACT_ONLY || value_kind == KIND_EXACT_ONLY) return 0.0;
-    PyObject *value_object = PyList_GET_ITEM(argument->texts, value_id);
+    PyObject *value_object = PySequence_Fast_GET_ITEM(argument->texts, value_id);
     Text value;
     if (text_of(value_object, &value) < 0) return -1.0;
     return ratio_of(argument->text, value, argument->query_text, value_object);
