@@ -29,7 +29,9 @@ canonical arguments JSON against every entry of the tool, as one `process.extrac
 the fast way; a `score_cutoff` does not speed it up, and a cache must find the nearest entry
 below the threshold too) and as a Python loop over `fuzz.ratio` (the usual way). The speedup is
 the mean scan time over the mean lookup time on the same perturbed queries (total time for the
-same work). We also check how often the index's answer has the exhaustive best score.
+same work), in `--rounds` rounds of lookups-then-scans (the first reuses the perturbed set's
+timings): the median round's, so that a slow spell of a shared machine meets both sides. We also
+check how often the index's answer has the exhaustive best score.
 
 Phase 3, rollout throughput: procedural tasks' reference solutions replayed through
 `CacheAgentLoop` (a scripted policy emits each reference assistant turn's tokens, so no model
@@ -317,6 +319,23 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
     top_tool = max(by_tool, key=lambda tool: len(by_tool[tool]))
     on_top = [i for i, query in enumerate(compared) if query[0] == top_tool]
 
+    # More rounds of the same lookups and scans, one after the other, so that a slow spell of
+    # this shared machine meets both sides: the speedup is the median round's.
+    rounds = [(np.mean(scan) / np.mean(ours), np.mean(scan_cpu) / np.mean(ours_cpu))]
+    for _ in range(args.rounds - 1):
+        again, again_cpu, _ = _timed(cache, [query[:2] for query in compared])
+        scan_again, scan_again_cpu = [], []
+        for tool, arguments, _ in compared:
+            query_key = tool_cache.canonical_key(arguments)
+            cpu_start = time.thread_time()
+            start = time.perf_counter()
+            process.extractOne(query_key, by_tool[tool], scorer=fuzz.ratio)
+            scan_again.append(time.perf_counter() - start)
+            scan_again_cpu.append(time.thread_time() - cpu_start)
+        rounds.append(
+            (np.mean(scan_again) / np.mean(again), np.mean(scan_again_cpu) / np.mean(again_cpu))
+        )
+
     return {
         "load_s": load_s,
         "index_s": index_s,
@@ -341,8 +360,9 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
         "loop_scan_mean_ms": 1e3 * float(np.mean(loop)),
         "compared_mean_us": 1e6 * float(np.mean(ours)),
         "compared_cpu_mean_us": 1e6 * float(np.mean(ours_cpu)),
-        "speedup_vs_scan": float(np.mean(scan) / np.mean(ours)),
-        "cpu_speedup_vs_scan": float(np.mean(scan_cpu) / np.mean(ours_cpu)),
+        "speedup_vs_scan": float(np.median([wall for wall, _ in rounds])),
+        "cpu_speedup_vs_scan": float(np.median([cpu for _, cpu in rounds])),
+        "speedup_rounds": [round(float(wall), 1) for wall, _ in rounds],
         "speedup_vs_loop_scan": float(np.mean(loop) / np.mean(ours[: len(loop)])),
         "top_tool_queries": len(on_top),
         "top_tool_speedup": float(
@@ -490,6 +510,7 @@ def main() -> None:
     parser.add_argument("--scan-queries", type=int, default=1000, help="perturbed queries scanned")
     parser.add_argument("--loop-queries", type=int, default=30, help="of those, Python loop scans")
     parser.add_argument("--exhaustive-queries", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="lookup-then-scan rounds timed")
     parser.add_argument("--rollout-tasks", type=int, default=32, help="0: no rollout phase")
     parser.add_argument("--group-size", type=int, default=2, help="rollouts per task")
     parser.add_argument("--live-delay", type=float, default=0.1, help="seconds per live call")
@@ -539,7 +560,8 @@ def main() -> None:
         f"first {args.scan_queries} perturbed calls: lookup mean "
         f"{measured['compared_mean_us']:.1f} us (CPU {measured['compared_cpu_mean_us']:.1f}), "
         f"scan mean {measured['scan_mean_ms']:.2f} ms (CPU {measured['scan_cpu_mean_ms']:.2f}): "
-        f"{measured['speedup_vs_scan']:.1f}x faster than the C++ scan (CPU time "
+        f"{measured['speedup_vs_scan']:.1f}x faster than the C++ scan (median of rounds "
+        f"{', '.join(f'{r:.0f}x' for r in measured['speedup_rounds'])}; CPU time "
         f"{measured['cpu_speedup_vs_scan']:.1f}x; {measured['top_tool_speedup']:.1f}x on the top "
         f"tool's {measured['top_tool_queries']} queries), {measured['speedup_vs_loop_scan']:.1f}x "
         f"than a Python-loop scan; answer = the perturbed call's source "
@@ -577,6 +599,7 @@ def main() -> None:
         "scan_mean_ms": measured["scan_mean_ms"],
         "compared_lookup_mean_us": measured["compared_mean_us"],
         "speedup_vs_scan": measured["speedup_vs_scan"],
+        "speedup_rounds": measured["speedup_rounds"],
         "cpu_speedup_vs_scan": measured["cpu_speedup_vs_scan"],
         "speedup_vs_loop_scan": measured["speedup_vs_loop_scan"],
         "top_tool_speedup_vs_scan": measured["top_tool_speedup"],

@@ -763,3 +763,30 @@ def test_bfcl_ground_truth_replays_as_exact_byte_identical_hits(tmp_path):
             hits += 1
     assert hits == sum(len(c) for c in live.values()) > 300
     assert cache.stats()["exact"] == hits
+
+
+def test_stored_entries_and_indexed_vocabularies_leave_the_garbage_collector(tmp_path):
+    """A full collection must not walk the entries: at 1M entries five lists of them made every
+    one take ~0.1 s, inside whichever lookup triggered it. Stored as tuples of tuples (and each
+    indexed column's values as a tuple), the collector untracks them."""
+    import gc
+
+    entries = 3 * 4096 + 7
+    with ToolCache(tmp_path / "cache.db") as cache:
+        cache.record_many(
+            [ToolRecord("search", {"q": f"query {i}", "n": i}, f"r{i}") for i in range(entries)]
+        )
+        cache.lookup("search", {"q": "query 12x", "n": 12})  # builds the fuzzy indexes
+        gc.collect()
+        store = cache._entries
+        assert len(store) == entries and len(store.chunks) == 3
+        assert store[5] == tuple(cache._entry(5)) and store[entries - 1][4] == f"r{entries - 1}"
+        assert [row[4] for row in store][4095:4097] == ["r4095", "r4096"]
+        assert not any(gc.is_tracked(chunk) for chunk in store.chunks)
+        assert not gc.is_tracked(store[0]) and not gc.is_tracked(store[entries - 1])
+        (block,) = cache._index[("", "search")].blocks.values()
+        texts = block.columns["q"].texts
+        assert type(texts) is tuple and len(texts) == entries and not gc.is_tracked(texts)
+        cache.record("search", {"q": "a new one", "n": -1}, "new")  # the vocabulary grows again
+        assert cache.lookup("search", {"q": "a new one", "n": -1}).result == "new"
+        assert cache.lookup("search", {"q": "a new on", "n": -1}).result == "new"
