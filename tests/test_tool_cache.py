@@ -776,7 +776,7 @@ def test_stored_entries_and_indexed_vocabularies_leave_the_garbage_collector(tmp
         cache.record_many(
             [ToolRecord("search", {"q": f"query {i}", "n": i}, f"r{i}") for i in range(entries)]
         )
-        cache.lookup("search", {"q": "query 12x", "n": 12})  # builds the fuzzy indexes
+        cache.lookup("search", {"q": "query 12x", "n": -5})  # builds the indexes it searches
         gc.collect()
         store = cache._entries
         assert len(store) == entries and len(store.chunks) == 3

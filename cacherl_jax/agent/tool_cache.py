@@ -729,7 +729,7 @@ class _Column:
         del value_ids  # release the buffer so `add` can grow the array
         self.post_ids = array.array("i", order.tobytes())
         self.post_starts = array.array("q", starts.tobytes())
-        self.texts = tuple(self.texts)
+        self.texts = tuple(self.texts)  # untracked by the garbage collector (see __init__)
         self.post_tail, self.post_tail_size = {}, 0
 
     def ready_postings(self) -> None:
@@ -875,6 +875,7 @@ class _Column:
         size = len(self.texts)
         if self.edits is None or size - self.edits.size > REBUILD_AFTER:
             self.edits = _EditIndex(self)
+            self.texts = tuple(self.texts)  # as in build_postings
         edits = self.edits
         bound = edits.bound(len(text))
         added = self._added_since(edits.size, _TEXT).tolist() if edits.size < size else None
