@@ -59,6 +59,7 @@ import tempfile
 import time
 
 import numpy as np
+from rapidfuzz import fuzz, process
 
 from cacherl_jax.agent import tool_cache
 from cacherl_jax.agent.tool_cache import (
@@ -254,10 +255,22 @@ def _timed(cache: ToolCache, queries: list) -> tuple[np.ndarray, np.ndarray, lis
     return np.array(seconds), np.array(cpu_seconds), hits
 
 
+def _scan_times(compared: list, by_tool: dict[str, tuple[str, ...]]) -> tuple[list, list]:
+    """Wall and CPU seconds of the C++ scan (`extractOne` over the tool's keys) per call."""
+    gc.collect()
+    seconds, cpu_seconds = [], []
+    for tool, arguments, _ in compared:
+        query_key = tool_cache.canonical_key(arguments)
+        cpu_start = time.thread_time()
+        start = time.perf_counter()
+        process.extractOne(query_key, by_tool[tool], scorer=fuzz.ratio)
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.thread_time() - cpu_start)
+    return seconds, cpu_seconds
+
+
 def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
     """Phase 2, in a fresh process: load, index, time the query sets and the scan."""
-    from rapidfuzz import fuzz, process
-
     with open(queries_path) as file:
         queries = json.load(file)
     start = time.perf_counter()
@@ -309,19 +322,13 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
     compared = perturbed[: args.scan_queries]
     ours = by_set["perturbed"]["seconds"][: len(compared)]
     ours_cpu = by_set["perturbed"]["cpu_seconds"][: len(compared)]
-    scan, scan_cpu, loop = [], [], []
-    gc.collect()
-    for index, (tool, arguments, _) in enumerate(compared):
+    scan, scan_cpu = _scan_times(compared, by_tool)
+    loop = []  # the usual way, for fewer calls
+    for tool, arguments, _ in compared[: args.loop_queries]:
         query_key = tool_cache.canonical_key(arguments)
-        cpu_start = time.thread_time()
         start = time.perf_counter()
-        process.extractOne(query_key, by_tool[tool], scorer=fuzz.ratio)
-        scan.append(time.perf_counter() - start)
-        scan_cpu.append(time.thread_time() - cpu_start)
-        if index < args.loop_queries:
-            start = time.perf_counter()
-            max(fuzz.ratio(query_key, key) for key in by_tool[tool])
-            loop.append(time.perf_counter() - start)
+        max(fuzz.ratio(query_key, key) for key in by_tool[tool])
+        loop.append(time.perf_counter() - start)
     top_tool = max(by_tool, key=lambda tool: len(by_tool[tool]))
     on_top = [i for i, query in enumerate(compared) if query[0] == top_tool]
 
@@ -330,15 +337,7 @@ def measure(args: argparse.Namespace, db_path: str, queries_path: str) -> dict:
     rounds = [(np.mean(scan) / np.mean(ours), np.mean(scan_cpu) / np.mean(ours_cpu))]
     for _ in range(args.rounds - 1):
         again, again_cpu, _ = _timed(cache, [query[:2] for query in compared])
-        scan_again, scan_again_cpu = [], []
-        gc.collect()
-        for tool, arguments, _ in compared:
-            query_key = tool_cache.canonical_key(arguments)
-            cpu_start = time.thread_time()
-            start = time.perf_counter()
-            process.extractOne(query_key, by_tool[tool], scorer=fuzz.ratio)
-            scan_again.append(time.perf_counter() - start)
-            scan_again_cpu.append(time.thread_time() - cpu_start)
+        scan_again, scan_again_cpu = _scan_times(compared, by_tool)
         rounds.append(
             (np.mean(scan_again) / np.mean(again), np.mean(scan_again_cpu) / np.mean(again_cpu))
         )
