@@ -21,6 +21,8 @@ def test_the_kernels_are_built_by_the_install():
     """`make test` installs the project with its C extension; a failed build would otherwise
     pass every other test on the Python fallback."""
     assert tc.COMPILED and kernels is not None
+    # The edit search hands the kernels texts up to EDIT_MAX_LENGTH characters.
+    assert tc.EDIT_MAX_LENGTH <= kernels.MAX_TEXT
 
 
 ALPHABET = "ab c\u00e9\u00ff\u0100\u4e2d\U0001f600\x00"

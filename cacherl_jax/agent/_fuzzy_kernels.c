@@ -107,8 +107,8 @@ static double ratio_from_lcs(Py_ssize_t total, Py_ssize_t lcs) {
     return (1.0 - distance / (double)total) * 100.0;
 }
 
-/* fuzz.ratio(a, b), bit for bit; rapidfuzz itself when both texts are longer than 64 characters. -1 with an exception set on
- * error. */
+/* fuzz.ratio(a, b), bit for bit: rapidfuzz itself when both texts are longer than 64
+ * characters. -1 with an exception set on error. */
 static double ratio_of(Text a, Text b, PyObject *a_object, PyObject *b_object) {
     if (a.length > 64 && b.length > 64) {
         PyObject *ratio = PyObject_CallFunctionObjArgs(rapidfuzz_ratio, a_object, b_object, NULL);
@@ -797,5 +797,7 @@ PyMODINIT_FUNC PyInit__fuzzy_kernels(void) {
     rapidfuzz_ratio = PyObject_GetAttrString(fuzz, "ratio");
     Py_DECREF(fuzz);
     if (rapidfuzz_ratio == NULL) return NULL;
-    return PyModule_Create(&module_definition);
+    PyObject *module = PyModule_Create(&module_definition);
+    if (module != NULL && PyModule_AddIntConstant(module, "MAX_TEXT", MAX_TEXT) < 0) Py_CLEAR(module);
+    return module;
 }
