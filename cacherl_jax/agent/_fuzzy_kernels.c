@@ -522,7 +522,8 @@ static int gather_one(PyObject *spec, Ids *ids) {
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 5 ||
         !PyDict_Check(PyTuple_GET_ITEM(spec, 0)) || !PyDict_Check(PyTuple_GET_ITEM(spec, 4))) {
         PyErr_SetString(PyExc_TypeError,
-                        "each list is (found: dict, bound, post_ids, post_starts, post_tail: dict)");
+                        "each list is (found: dict, bound, post_ids, post_starts, "
+                        "post_tail: dict)");
         return -1;
     }
     PyObject *found = PyTuple_GET_ITEM(spec, 0), *tail = PyTuple_GET_ITEM(spec, 4);
@@ -589,7 +590,9 @@ done:
 /* --- canonical arguments ------------------------------------------------------------------ */
 
 /* What str.split() splits ASCII text on. */
-static int is_ascii_space(Py_UCS1 c) { return c == ' ' || (c >= 9 && c <= 13) || (c >= 28 && c <= 31); }
+static int is_ascii_space(Py_UCS1 c) {
+    return c == ' ' || (c >= 9 && c <= 13) || (c >= 28 && c <= 31);
+}
 
 /* normalise_string for ASCII text: whitespace runs become one space, ends trimmed. */
 static PyObject *collapse_ascii(PyObject *text) {
@@ -716,7 +719,8 @@ static int append_value(Buffer *buffer, PyObject *value, PyObject *escape) {
 static PyObject *canonical_arguments(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3 || !PyDict_CheckExact(args[0])) {
         PyErr_SetString(PyExc_TypeError,
-                        "canonical_arguments(arguments: dict, normalise, escape) takes 3 arguments");
+                        "canonical_arguments(arguments: dict, normalise, escape) takes 3 "
+                        "arguments");
         return NULL;
     }
     PyObject *arguments = args[0], *normalise = args[1], *escape = args[2];
@@ -798,6 +802,7 @@ PyMODINIT_FUNC PyInit__fuzzy_kernels(void) {
     Py_DECREF(fuzz);
     if (rapidfuzz_ratio == NULL) return NULL;
     PyObject *module = PyModule_Create(&module_definition);
-    if (module != NULL && PyModule_AddIntConstant(module, "MAX_TEXT", MAX_TEXT) < 0) Py_CLEAR(module);
+    if (module != NULL && PyModule_AddIntConstant(module, "MAX_TEXT", MAX_TEXT) < 0)
+        Py_CLEAR(module);
     return module;
 }
