@@ -683,8 +683,9 @@ class _Column:
 
     def __init__(self):
         self.vocabulary: dict[Any, int] = {}
-        # A list while values are added, a tuple from the next postings build on: the garbage
-        # collector untracks tuples of strings, so full collections skip the vocabulary.
+        # A list while values are added, a tuple from the next index build (postings, edit
+        # index) on: the garbage collector untracks tuples of strings, so full collections skip
+        # the vocabulary. Growing it again costs one copy per rebuild cycle.
         self.texts: list[str] | tuple[str, ...] = []
         self.kinds = bytearray()
         self.kinds_seen = 0  # bit set of the kinds of the values
