@@ -1101,15 +1101,13 @@ class _Block:
             memo = known.get(name)
             if memo is None:
                 memo = known[name] = {}
-            columns.append((self.columns[name], value, memo))
+            c = self.columns[name]
+            if COMPILED:  # what the C loop reads
+                columns.append((c.entry_value_ids, memo, c.kinds, c.texts, c.numbers, value))
+            else:
+                columns.append((c, value, memo))
         if COMPILED:  # the loop below in C
-            return _fuzzy_kernels.best_entry(
-                local_ids,
-                [
-                    (c.entry_value_ids, memo, c.kinds, c.texts, c.numbers, value)
-                    for c, value, memo in columns
-                ],
-            )
+            return _fuzzy_kernels.best_entry(local_ids, columns)
         best_total, best_id = -1.0, 0
         for local_id in local_ids:
             total = 0.0
