@@ -38,15 +38,18 @@ def _scaled(params, scale: float):
     return params if scale == 1 else params | {"lm_head": params["lm_head"] * scale}
 
 
-@pytest.fixture(scope="module")
-def samplers(tiny):
+# Every test that takes `samplers` runs twice: decode steps in the CPU kernels (cpu_kernels.py,
+# what a CPU sampler runs) and in XLA's own ops (what a GPU or TPU sampler runs).
+@pytest.fixture(scope="module", params=["cpu_kernels", "xla"])
+def samplers(tiny, request):
     """`samplers(scale)` -> (params, Sampler) with the output projection scaled."""
     made = {}
 
     def get(scale: float = 1.0):
         if scale not in made:
             params = _scaled(tiny[0], scale)
-            made[scale] = params, Sampler(params, TINY)
+            sampler = Sampler(params, TINY, cpu_kernels=request.param == "cpu_kernels")
+            made[scale] = params, sampler
         return made[scale]
 
     return get

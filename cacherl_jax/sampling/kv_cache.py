@@ -40,8 +40,10 @@ from jax import lax
 from cacherl_jax.model import qwen3
 from cacherl_jax.model.config import Qwen3Config
 from cacherl_jax.model.params import Params
+from cacherl_jax.sampling import cpu_kernels
 
 Weights = dict[str, Any]
+CPU_KERNELS = "cpu_kernels"  # present in sampling weights laid out for cpu_kernels.py
 
 
 @jax.tree_util.register_dataclass
@@ -82,14 +84,19 @@ def init_cache(config: Qwen3Config, batch_size: int, max_len: int) -> KVCache:
     )
 
 
-def sampling_weights(params: Params, config: Qwen3Config) -> Weights:
-    """The parameters rearranged for decoding (see the module docstring); jit it once."""
+def sampling_weights(params: Params, config: Qwen3Config, packed: bool = False) -> Weights:
+    """The parameters rearranged for decoding (see the module docstring); jit it once. `packed`:
+    for the CPU kernels (cpu_kernels.py): every weight they can multiply is stored packed
+    (`cpu_kernels.pack`) and decode steps run their attention."""
     dtype = qwen3.compute_dtype(config)
     L, E = config.num_layers, config.hidden_size
     stacked = params["layers"]
 
     def out_major(w):  # [E, ...] -> [out, E]
         return w.reshape(E, -1).T.astype(dtype)
+
+    def for_matmul(w_OxI):
+        return cpu_kernels.pack(w_OxI) if packed and cpu_kernels.packable(w_OxI) else w_OxI
 
     layers = []
     for i in range(L):
@@ -100,27 +107,35 @@ def sampling_weights(params: Params, config: Qwen3Config) -> Weights:
                 "mlp_norm": w["mlp_norm"],
                 "q_norm": w["q_norm"],
                 "k_norm": w["k_norm"],
-                "w_qkv": jnp.concatenate(
-                    [out_major(w["wq"]), out_major(w["wk"]), out_major(w["wv"])], axis=0
+                "w_qkv": for_matmul(
+                    jnp.concatenate(
+                        [out_major(w["wq"]), out_major(w["wk"]), out_major(w["wv"])], axis=0
+                    )
                 ),
-                "wo": w["wo"].reshape(-1, E).T.astype(dtype),
-                "w_gate_up": jnp.concatenate(
-                    [out_major(w["w_gate"]), out_major(w["w_up"])], axis=0
+                "wo": for_matmul(w["wo"].reshape(-1, E).T.astype(dtype)),
+                "w_gate_up": for_matmul(
+                    jnp.concatenate([out_major(w["w_gate"]), out_major(w["w_up"])], axis=0)
                 ),
-                "w_down": w["w_down"].T.astype(dtype),
+                "w_down": for_matmul(w["w_down"].T.astype(dtype)),
             }
         )
-    return {
+    weights = {
         "embed": params["embed"],
         "final_norm": params["final_norm"],
-        "unembed_VxE": qwen3.unembedding(params).astype(dtype),
+        "unembed_VxE": for_matmul(qwen3.unembedding(params).astype(dtype)),
         "layers": tuple(layers),
     }
+    if packed:
+        # A key without leaves: part of the pytree's structure, so a static flag under jit.
+        weights[CPU_KERNELS] = None
+    return weights
 
 
 def _linear(w_OxI: jax.Array, x_IxN: jax.Array) -> jax.Array:
-    """w @ x with an out-major [out, in] weight and feature-major activations, accumulated in
-    float32 and cast back to the activations' dtype."""
+    """w @ x with an out-major [out, in] weight (or one packed for the CPU kernel) and
+    feature-major activations, accumulated in float32 and cast back to the activations' dtype."""
+    if w_OxI.ndim == 3:
+        return cpu_kernels.packed_matmul(w_OxI, x_IxN).astype(x_IxN.dtype)
     return lax.dot_general(
         w_OxI, x_IxN, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     ).astype(x_IxN.dtype)
@@ -216,6 +231,8 @@ def extend(
     cos_DxN = cos_BxTxD.reshape(N, D).T
     sin_DxN = sin_BxTxD.reshape(N, D).T
 
+    # Weights laid out for the CPU kernels (sampling_weights(packed=True)): they run the step.
+    kernels = CPU_KERNELS in weights
     x_ExN = jnp.take(weights["embed"], tokens_BxT.reshape(N), axis=0).astype(dtype).T
     k_layers, v_layers = [], []
     for layer, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
@@ -237,23 +254,31 @@ def extend(
         )
         k_layers.append(k_cache)
         v_layers.append(v_cache)
-        q_BxTxHxD = q_HxDxN.reshape(H, D, B, T).transpose(2, 3, 0, 1)
-        out_BxTxHxD = _attention(q_BxTxHxD, k_cache, v_cache, mask_BxTxS, config)
-        x_ExN = x_ExN + _linear(layer["wo"], out_BxTxHxD.reshape(N, H * D).T)
+        if T == 1 and kernels:  # a decode step: the CPU kernel reads only the filled slots
+            G = config.num_groups
+            scale = jnp.asarray(D**-0.5, q_HxDxN.dtype)
+            q_BxKxGxD = (q_HxDxN * scale).reshape(K, G, D, B).transpose(3, 0, 1, 2)
+            out_BxKxGxD = cpu_kernels.decode_attention(
+                q_BxKxGxD, k_cache, v_cache, valid_BxS, start
+            )
+            out_NxHD = out_BxKxGxD.astype(dtype).reshape(N, H * D)
+        else:
+            q_BxTxHxD = q_HxDxN.reshape(H, D, B, T).transpose(2, 3, 0, 1)
+            out_BxTxHxD = _attention(q_BxTxHxD, k_cache, v_cache, mask_BxTxS, config)
+            out_NxHD = out_BxTxHxD.reshape(N, H * D)
+        x_ExN = x_ExN + _linear(layer["wo"], out_NxHD.T)
         h_ExN = qwen3.rms_norm(x_ExN, layer["mlp_norm"], eps, axis=0)
         gate_up_2FxN = _linear(layer["w_gate_up"], h_ExN)
         gate_FxN, up_FxN = jnp.split(gate_up_2FxN, 2, axis=0)
         x_ExN = x_ExN + _linear(layer["w_down"], jax.nn.silu(gate_FxN) * up_FxN)
 
     # Only the last slot's logits are needed: the output projection runs on B rows, not B * T.
-    # Row-major here, x @ W.T: with [V, E] x [E, B] XLA:CPU lowers this matmul to a slower
-    # kernel (~4x at batch 8). The barrier keeps XLA from folding the transpose into the norm
-    # and the matmul, which would bring that form back.
-    x_BxE = lax.optimization_barrier(x_ExN.reshape(-1, B, T)[:, :, -1].T)
-    h_BxE = qwen3.rms_norm(x_BxE, weights["final_norm"], eps)
-    logits_BxV = lax.dot_general(
-        h_BxE, weights["unembed_VxE"], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    x_ExB = x_ExN.reshape(-1, B, T)[:, :, -1]
+    if weights["unembed_VxE"].ndim == 3:  # packed
+        h_ExB = qwen3.rms_norm(x_ExB, weights["final_norm"], eps, axis=0)
+        logits_BxV = cpu_kernels.packed_matmul(weights["unembed_VxE"], h_ExB).T
+    else:
+        logits_BxV = _row_major_logits(x_ExB, weights, eps)
     cache = KVCache(
         k=tuple(k_layers),
         v=tuple(v_layers),
@@ -262,3 +287,15 @@ def extend(
         next_position_B=cache.next_position_B + valid_BxT.sum(axis=1, dtype=jnp.int32),
     )
     return cache, logits_BxV
+
+
+def _row_major_logits(x_ExB: jax.Array, weights: Weights, eps: float) -> jax.Array:
+    """The final norm and output projection through XLA's dot: [B, V] float32 logits."""
+    # Row-major here, x @ W.T: with [V, E] x [E, B] XLA:CPU lowers this matmul to a slower
+    # kernel (~4x at batch 8). The barrier keeps XLA from folding the transpose into the norm
+    # and the matmul, which would bring that form back.
+    x_BxE = lax.optimization_barrier(x_ExB.T)
+    h_BxE = qwen3.rms_norm(x_BxE, weights["final_norm"], eps)
+    return lax.dot_general(
+        h_BxE, weights["unembed_VxE"], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )

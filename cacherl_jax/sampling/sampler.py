@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cacherl_jax.model import qwen3
 from cacherl_jax.model.config import Qwen3Config
 from cacherl_jax.model.params import Params
+from cacherl_jax.sampling import cpu_kernels as _cpu_kernels
 from cacherl_jax.sampling import kv_cache
 from cacherl_jax.sampling.kv_cache import KVCache
 
@@ -335,9 +336,10 @@ _run = jax.jit(
 
 
 @functools.cache
-def _layout_fn(config: Qwen3Config, sharding: NamedSharding | None):
+def _layout_fn(config: Qwen3Config, sharding: NamedSharding | None, packed: bool):
     return jax.jit(
-        functools.partial(kv_cache.sampling_weights, config=config), out_shardings=sharding
+        functools.partial(kv_cache.sampling_weights, config=config, packed=packed),
+        out_shardings=sharding,
     )
 
 
@@ -345,7 +347,9 @@ class Sampler:
     """Generates from a Qwen3 with a KV cache; see the module docstring.
 
     `params`/`config`: the model (training layout; any sharding). `mesh`: split the batch over its
-    devices. `min_prompt_bucket`: smallest prompt-chunk length compiled for.
+    devices. `min_prompt_bucket`: smallest prompt-chunk length compiled for. `cpu_kernels`: run the
+    step's matmuls and decode attention in `cpu_kernels.py`'s custom calls (None: wherever they
+    can run, i.e. one CPU device, float32, the extension built).
     """
 
     def __init__(
@@ -355,12 +359,18 @@ class Sampler:
         *,
         mesh: Mesh | None = None,
         min_prompt_bucket: int = 16,
+        cpu_kernels: bool | None = None,
     ):
         self.config = config
         self.mesh = mesh
         self.min_prompt_bucket = min_prompt_bucket
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-        self._layout = _layout_fn(config, replicated)
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+        usable = _cpu_kernels.usable(devices, qwen3.compute_dtype(config))
+        if cpu_kernels and not usable:
+            raise ValueError(f"the CPU kernels cannot run here: {_cpu_kernels.info()}")
+        self.cpu_kernels = usable if cpu_kernels is None else cpu_kernels
+        self._layout = _layout_fn(config, replicated, self.cpu_kernels)
         self.weights = self._layout(params)
         self._init_cache = jax.jit(
             kv_cache.init_cache, static_argnums=(0, 1, 2), out_shardings=self._cache_sharding()

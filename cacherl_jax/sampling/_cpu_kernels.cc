@@ -1,0 +1,373 @@
+// A float32 matmul for decoding on CPU, called from jitted code as an XLA FFI custom call.
+//
+// y[O, N] = W[O, I] @ x[I, N] with the weight pre-packed into panels of 16 output rows,
+// W_packed[P, I, 16] (panel p holds rows 16p..16p+15, one row of 16 per input feature), so one
+// panel streams as one contiguous block. Decoding multiplies each weight by a handful of
+// activation columns (the batch), which makes it a stream of the weights through the cores:
+// XLA:CPU's matmul library re-lays out and streams them at 7-15 GB/s at 8 columns; this kernel
+// keeps 8 columns x 2 panels of accumulators in registers and splits the panels over XLA's
+// intra-op threads.
+// See kv_cache.py and README.md (Sampling and serving) for the measurements.
+//
+// Built by setup.py against jaxlib's FFI headers; registered by cpu_kernels.py.
+
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <memory>
+#include <cmath>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CACHERL_PAUSE() _mm_pause()
+#else
+#define CACHERL_PAUSE() std::this_thread::yield()
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // output rows per panel: one 64-byte vector of float32
+typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+
+// One block: NB activation columns x PB panels, accumulated over all I inputs in registers.
+template <int NB, int PB>
+inline __attribute__((always_inline)) void Block(const float* w, const float* x, float* y,
+                                                 int64_t I, int64_t N, int64_t p, int64_t n0) {
+  Vec16 acc[PB][NB];
+  for (int q = 0; q < PB; q++)
+    for (int b = 0; b < NB; b++) acc[q][b] = Vec16{};
+  const float* panel = w + p * I * kPanel;
+  const float* column = x + n0;
+  for (int64_t i = 0; i < I; i++) {
+    Vec16 wv[PB];
+#pragma GCC unroll 4
+    for (int q = 0; q < PB; q++) std::memcpy(&wv[q], panel + (q * I + i) * kPanel, sizeof(Vec16));
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; b++) {
+      const float s = column[i * N + b];
+#pragma GCC unroll 4
+      for (int q = 0; q < PB; q++) acc[q][b] += wv[q] * s;
+    }
+  }
+  for (int q = 0; q < PB; q++)
+    for (int j = 0; j < kPanel; j++)
+      for (int b = 0; b < NB; b++) y[((p + q) * kPanel + j) * N + n0 + b] = acc[q][b][j];
+}
+
+// Panels [p0, p1) for all N columns; blocks of NB columns, then the leftover columns one by one.
+template <int NB, int PB>
+inline __attribute__((always_inline)) void Panels(const float* w, const float* x, float* y,
+                                                  int64_t I, int64_t N, int64_t p0, int64_t p1) {
+  int64_t p = p0;
+  for (; p + PB <= p1; p += PB) {
+    int64_t n0 = 0;
+    for (; n0 + NB <= N; n0 += NB) Block<NB, PB>(w, x, y, I, N, p, n0);
+    for (; n0 < N; n0++) Block<1, PB>(w, x, y, I, N, p, n0);
+  }
+  for (; p < p1; p++) {
+    int64_t n0 = 0;
+    for (; n0 + NB <= N; n0 += NB) Block<NB, 1>(w, x, y, I, N, p, n0);
+    for (; n0 < N; n0++) Block<1, 1>(w, x, y, I, N, p, n0);
+  }
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), within ~2 ulp: 2^n e^r with r in
+// [-ln2/2, ln2/2] and a degree-6 Taylor polynomial for e^r. Below -87.3 it returns ~1e-38 where
+// the exact value underflows; -inf (a masked slot) is turned into 0 by the caller.
+inline __attribute__((always_inline)) Vec16 ExpNonPositive(Vec16 x) {
+  const Vec16 lowest = Vec16{} - 87.3f;
+  x = x < lowest ? lowest : x;
+  const Vec16 round = Vec16{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec16 n = (x * 1.44269504f + round) - round;
+  const Vec16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  Vec16 p = Vec16{} + (1.0f / 720);
+  p = p * r + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  typedef int32_t Int16 __attribute__((vector_size(64)));
+  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
+  Vec16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// One (row, kv head) of a decode step's attention: G query heads over slots [0, q_slot]. A slot
+// is attended where its validity equals the query slot's (the `same segment` rule of
+// qwen3.attention_mask) and always the query's own slot, as kv_cache.extend's mask does.
+// q [G, D] (already scaled), keys [D, S], values [S, D], out [G, D]; scores: G * S floats.
+inline __attribute__((always_inline)) void AttendOne(const float* q, const float* keys,
+                                                     const float* values, const bool* valid,
+                                                     int64_t G, int64_t D, int64_t S,
+                                                     int64_t q_slot, float* out, float* scores) {
+  const int64_t n = q_slot + 1, n16 = n / 16 * 16;
+  const bool own = valid[q_slot];
+  for (int64_t g = 0; g < G; g++) {
+    float* sc = scores + g * S;
+    const float* qg = q + g * D;
+    int64_t s = 0;
+    for (; s + 64 <= n16; s += 64) {
+      Vec16 acc[4] = {};
+      for (int64_t d = 0; d < D; d++) {
+        const float qd = qg[d];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+          Vec16 k;
+          std::memcpy(&k, keys + d * S + s + 16 * u, sizeof(k));
+          acc[u] += k * qd;
+        }
+      }
+      std::memcpy(sc + s, acc, sizeof(acc));
+    }
+    for (; s < n16; s += 16) {
+      Vec16 acc = {};
+      for (int64_t d = 0; d < D; d++) {
+        Vec16 k;
+        std::memcpy(&k, keys + d * S + s, sizeof(k));
+        acc += k * qg[d];
+      }
+      std::memcpy(sc + s, &acc, sizeof(acc));
+    }
+    for (; s < n; s++) {
+      float acc = 0;
+      for (int64_t d = 0; d < D; d++) acc += qg[d] * keys[d * S + s];
+      sc[s] = acc;
+    }
+    float max = sc[q_slot];
+    for (s = 0; s < n; s++) {
+      if (valid[s] != own && s != q_slot) sc[s] = -INFINITY;
+      max = std::max(max, sc[s]);
+    }
+    float sum = 0;
+    for (s = 0; s < n16; s += 16) {
+      Vec16 v;
+      std::memcpy(&v, sc + s, sizeof(v));
+      const Vec16 masked = v == -INFINITY ? Vec16{} + 1.0f : Vec16{};
+      Vec16 e = ExpNonPositive(v - max);
+      e = masked != 0 ? Vec16{} : e;
+      std::memcpy(sc + s, &e, sizeof(e));
+      for (int j = 0; j < 16; j++) sum += e[j];
+    }
+    for (; s < n; s++) {
+      sc[s] = sc[s] == -INFINITY ? 0.0f : std::exp(sc[s] - max);
+      sum += sc[s];
+    }
+    // out = (p @ values) / sum, the sum divided last as kv_cache._attention does.
+    float* og = out + g * D;
+    for (int64_t d = 0; d < D; d++) og[d] = 0;
+    for (s = 0; s < n; s++) {
+      const float p = sc[s];
+      if (p == 0) continue;
+      const float* vs = values + s * D;
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        Vec16 o, v;
+        std::memcpy(&o, og + d, sizeof(o));
+        std::memcpy(&v, vs + d, sizeof(v));
+        o += v * p;
+        std::memcpy(og + d, &o, sizeof(o));
+      }
+      for (; d < D; d++) og[d] += p * vs[d];
+    }
+    for (int64_t d = 0; d < D; d++) og[d] /= sum;
+  }
+}
+
+using AttendFn = void (*)(const float*, const float*, const float*, const bool*, int64_t,
+                          int64_t, int64_t, int64_t, float*, float*);
+
+using PanelsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+
+// The same loops compiled for three instruction sets; the widest the CPU has is picked at load.
+// AVX-512 has 32 vector registers (16 accumulators fit), AVX2 16 (a Vec16 takes two).
+#define CACHERL_ATTEND_FOR(SUFFIX, TARGET)                                                     \
+  TARGET void Attend##SUFFIX(const float* q, const float* keys, const float* values,          \
+                             const bool* valid, int64_t G, int64_t D, int64_t S, int64_t q_slot, \
+                             float* out, float* scores) {                                      \
+    AttendOne(q, keys, values, valid, G, D, S, q_slot, out, scores);                           \
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CACHERL_AVX512 __attribute__((target("avx512f,fma")))
+#define CACHERL_AVX2 __attribute__((target("avx2,fma")))
+CACHERL_AVX512 void PanelsAvx512(const float* w, const float* x, float* y, int64_t I, int64_t N,
+                                 int64_t p0, int64_t p1) {
+  Panels<8, 2>(w, x, y, I, N, p0, p1);
+}
+CACHERL_AVX2 void PanelsAvx2(const float* w, const float* x, float* y, int64_t I, int64_t N,
+                             int64_t p0, int64_t p1) {
+  Panels<4, 1>(w, x, y, I, N, p0, p1);
+}
+CACHERL_ATTEND_FOR(Avx512, CACHERL_AVX512)
+CACHERL_ATTEND_FOR(Avx2, CACHERL_AVX2)
+#endif
+void PanelsGeneric(const float* w, const float* x, float* y, int64_t I, int64_t N, int64_t p0,
+                   int64_t p1) {
+  Panels<4, 1>(w, x, y, I, N, p0, p1);
+}
+CACHERL_ATTEND_FOR(Generic, )
+
+struct Isa {
+  PanelsFn panels;
+  AttendFn attend;
+  const char* name;
+};
+
+// CACHERL_CPU_ISA=avx2 or generic caps the choice (the tests run every variant this way).
+Isa PickIsa() {
+  const char* cap_env = std::getenv("CACHERL_CPU_ISA");
+  const std::string cap = cap_env != nullptr ? cap_env : "";
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (__builtin_cpu_supports("avx512f") && avx2 && cap.empty())
+    return {PanelsAvx512, AttendAvx512, "avx512"};
+  if (avx2 && cap != "generic") return {PanelsAvx2, AttendAvx2, "avx2"};
+#endif
+  return {PanelsGeneric, AttendGeneric, "generic"};
+}
+
+const Isa kIsa = PickIsa();
+
+// Items [0, n) in chunks of `grain`, on this thread and on XLA's intra-op pool (the threads that
+// run the rest of the step: no threads of our own to compete with it for the cores). A few chunks
+// per thread, so that a thread that starts late or is preempted does not hold up the call. Tasks
+// on the pool may start after the call has returned, hence the shared_ptr.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F body) {
+  struct State {
+    State(F body, int64_t n, int64_t grain)
+        : body(body), n(n), grain(grain), chunks((n + grain - 1) / grain) {}
+    F body;
+    int64_t n, grain, chunks;
+    std::atomic<int64_t> next{0}, done{0};
+    void Work() {
+      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+        body(c * grain, std::min(n, (c + 1) * grain));
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto state = std::make_shared<State>(body, n, grain);
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), state->chunks);
+  for (int64_t t = 1; t < threads; t++) pool.Schedule([state] { state->Work(); });
+  state->Work();
+  // Every chunk is claimed; wait for the ones other threads are still computing.
+  while (state->done.load(std::memory_order_acquire) < state->chunks) CACHERL_PAUSE();
+}
+
+int64_t Grain(ffi::ThreadPool& pool, int64_t n, int64_t multiple) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t grain = std::max<int64_t>(multiple, (n + 4 * threads - 1) / (4 * threads));
+  return (grain + multiple - 1) / multiple * multiple;
+}
+
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_PxIx16,
+                            ffi::Buffer<ffi::F32> x_IxN, ffi::ResultBuffer<ffi::F32> y_OxN) {
+  const auto w_dims = w_PxIx16.dimensions();
+  const auto x_dims = x_IxN.dimensions();
+  const auto y_dims = y_OxN->dimensions();
+  if (w_dims.size() != 3 || w_dims[2] != kPanel || x_dims.size() != 2 || y_dims.size() != 2 ||
+      x_dims[0] != w_dims[1] || y_dims[0] != w_dims[0] * kPanel || y_dims[1] != x_dims[1]) {
+    return ffi::Error::InvalidArgument(
+        "cacherl packed matmul: expected w [P, I, 16], x [I, N] and y [16 P, N]");
+  }
+  const float* w = w_PxIx16.typed_data();
+  const float* x = x_IxN.typed_data();
+  float* y = y_OxN->typed_data();
+  const int64_t P = w_dims[0], I = w_dims[1], N = x_dims[1];
+  // Whole pairs of panels per chunk: the AVX-512 block.
+  ParallelFor(pool, P, Grain(pool, P, 2),
+              [=](int64_t p0, int64_t p1) { kIsa.panels(w, x, y, I, N, p0, p1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_BxKxGxD,
+                               ffi::Buffer<ffi::F32> k_BxKxDxS, ffi::Buffer<ffi::F32> v_BxKxSxD,
+                               ffi::Buffer<ffi::PRED> valid_BxS, ffi::Buffer<ffi::S32> q_slot,
+                               ffi::ResultBuffer<ffi::F32> out_BxKxGxD) {
+  const auto q_dims = q_BxKxGxD.dimensions();
+  const auto k_dims = k_BxKxDxS.dimensions();
+  const auto v_dims = v_BxKxSxD.dimensions();
+  const auto valid_dims = valid_BxS.dimensions();
+  if (q_dims.size() != 4 || k_dims.size() != 4 || v_dims.size() != 4 || valid_dims.size() != 2 ||
+      q_slot.dimensions().size() != 0 || k_dims[0] != q_dims[0] || k_dims[1] != q_dims[1] ||
+      k_dims[2] != q_dims[3] || v_dims[0] != q_dims[0] || v_dims[1] != q_dims[1] ||
+      v_dims[2] != k_dims[3] || v_dims[3] != q_dims[3] || valid_dims[0] != q_dims[0] ||
+      valid_dims[1] != k_dims[3]) {
+    return ffi::Error::InvalidArgument(
+        "cacherl decode attention: expected q [B, K, G, D], keys [B, K, D, S], values "
+        "[B, K, S, D], valid [B, S] and a scalar query slot");
+  }
+  const int64_t B = q_dims[0], K = q_dims[1], G = q_dims[2], D = q_dims[3], S = k_dims[3];
+  const int64_t slot = *q_slot.typed_data();
+  if (slot < 0 || slot >= S) return ffi::Error::InvalidArgument("query slot outside the cache");
+  const float* q = q_BxKxGxD.typed_data();
+  const float* keys = k_BxKxDxS.typed_data();
+  const float* values = v_BxKxSxD.typed_data();
+  const bool* valid = valid_BxS.typed_data();
+  float* out = out_BxKxGxD->typed_data();
+  ParallelFor(pool, B * K, Grain(pool, B * K, 1), [=](int64_t i0, int64_t i1) {
+    std::vector<float> scores(G * S);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / K;
+      kIsa.attend(q + i * G * D, keys + i * D * S, values + i * S * D, valid + b * S, G, D, S,
+                  slot, out + i * G * D, scores.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacherlPackedMatmul, PackedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacherlDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// --- the Python module: hands the handler to jax.ffi.register_ffi_target ------------------------
+
+static PyObject* Handlers(PyObject*, PyObject*) {
+  return Py_BuildValue(
+      "{sNsN}", "packed_matmul",
+      PyCapsule_New(reinterpret_cast<void*>(&CacherlPackedMatmul), nullptr, nullptr),
+      "decode_attention",
+      PyCapsule_New(reinterpret_cast<void*>(&CacherlDecodeAttention), nullptr, nullptr));
+}
+
+static PyObject* InstructionSet(PyObject*, PyObject*) { return PyUnicode_FromString(kIsa.name); }
+
+static PyMethodDef kMethods[] = {
+    {"handlers", Handlers, METH_NOARGS, "The XLA FFI handlers, as capsules by name."},
+    {"instruction_set", InstructionSet, METH_NOARGS, "The vector instructions the kernel uses."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels", nullptr, -1, kMethods};
+
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&kModule); }

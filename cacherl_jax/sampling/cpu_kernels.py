@@ -1,0 +1,119 @@
+"""Decoding's matmuls and attention on CPU as XLA FFI custom calls (`_cpu_kernels.cc`).
+
+Decoding multiplies every weight by a few activation columns (one per row of the batch), so on a
+CPU it is a stream of the weights through the cores at small batches and a chain of skinny
+matmuls at larger ones. XLA:CPU's matmul library re-lays out the weight on every call and
+streams it at 7-15 GB/s at 8 columns. `packed_matmul` reads a weight packed once (`pack`: panels
+of 16 output rows, each panel one contiguous block) with the accumulators of 8 columns x 2 panels
+in registers, splitting the panels over XLA's intra-op threads: on the benchmark model's chain of
+decode matmuls (experiments/bench_sampler.py's model, each matmul feeding the next) 6.7 -> 3.9 ms
+at 8 columns (the weights at ~30 GB/s, this machine's read bandwidth) and 12.5 -> 10.1 ms at 32.
+
+`decode_attention` is one decode step's attention over the KV cache. XLA's shapes are static, so
+its attention reads every slot of the cache every step; the kernel reads the slots written so
+far (and a row's own slot), about two thirds of them on average over a generation.
+
+The sampler uses both where it can (`usable`): a CPU device, float32 compute, one device (the
+custom calls are not partitioned over a mesh), and the extension built by the install (setup.py;
+without a C++ compiler, XLA's own ops run). `CACHERL_CPU_KERNELS=0` turns them off; the
+instruction set (AVX-512, AVX2 or portable C++) is picked when the extension loads and
+`CACHERL_CPU_ISA=avx2|generic` caps it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from cacherl_jax.sampling import _cpu_kernels
+except ImportError:  # built without a C++ compiler or without jaxlib's headers
+    _cpu_kernels = None
+
+AVAILABLE = _cpu_kernels is not None
+PANEL = 16  # output rows per packed panel
+_PREFIX = "cacherl_"
+
+
+def usable(devices: list[jax.Device], compute_dtype) -> bool:
+    """Whether a sampler running on `devices` in `compute_dtype` can use the kernel."""
+    return (
+        AVAILABLE
+        and os.environ.get("CACHERL_CPU_KERNELS", "1") != "0"
+        and len(devices) == 1
+        and devices[0].platform == "cpu"
+        and jnp.dtype(compute_dtype) == jnp.float32
+    )
+
+
+def packable(w_OxI: jax.Array) -> bool:
+    """Float32, with whole pairs of panels (the kernel's AVX-512 block) of output rows."""
+    return w_OxI.ndim == 2 and w_OxI.dtype == jnp.float32 and w_OxI.shape[0] % (2 * PANEL) == 0
+
+
+def pack(w_OxI: jax.Array) -> jax.Array:
+    """[O, I] -> [O / 16, I, 16]: panel p holds output rows 16p..16p+15, input-major."""
+    O, I = w_OxI.shape
+    return w_OxI.reshape(O // PANEL, PANEL, I).transpose(0, 2, 1)
+
+
+def unpack(w_PxIx16: jax.Array) -> jax.Array:
+    """The inverse of `pack`."""
+    P, I, _ = w_PxIx16.shape
+    return w_PxIx16.transpose(0, 2, 1).reshape(P * PANEL, I)
+
+
+@functools.cache
+def _registered() -> None:
+    if not AVAILABLE:
+        raise RuntimeError("cacherl_jax.sampling._cpu_kernels was not built (see setup.py)")
+    for name, handler in _cpu_kernels.handlers().items():
+        jax.ffi.register_ffi_target(_PREFIX + name, handler, platform="cpu")
+
+
+def packed_matmul(w_PxIx16: jax.Array, x_IxN: jax.Array) -> jax.Array:
+    """`unpack(w) @ x` in float32, [O, N], computed by the kernel (CPU only)."""
+    P, I, panel = w_PxIx16.shape
+    if panel != PANEL or x_IxN.shape[0] != I:
+        raise ValueError(f"packed weight {w_PxIx16.shape} does not multiply x {x_IxN.shape}")
+    _registered()
+    out = jax.ShapeDtypeStruct((P * PANEL, x_IxN.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(_PREFIX + "packed_matmul", out)(
+        w_PxIx16.astype(jnp.float32), x_IxN.astype(jnp.float32)
+    )
+
+
+def decode_attention(
+    q_BxKxGxD: jax.Array,
+    k_BxKxDxS: jax.Array,
+    v_BxKxSxD: jax.Array,
+    valid_BxS: jax.Array,
+    q_slot: jax.Array,
+) -> jax.Array:
+    """One decode step's attention over a KV cache laid out as kv_cache.py's, float32.
+
+    Each row's query (G heads per kv head, already scaled) attends the slots up to `q_slot` whose
+    validity equals the query slot's, and its own slot: the mask of `kv_cache.extend` at T = 1.
+    Slots after `q_slot` are not read, which XLA's static shapes cannot express: its attention
+    reads the whole cache every step. Returns [B, K, G, D] (normalised; float32).
+    """
+    _registered()
+    out = jax.ShapeDtypeStruct(q_BxKxGxD.shape, jnp.float32)
+    return jax.ffi.ffi_call(_PREFIX + "decode_attention", out)(
+        q_BxKxGxD.astype(jnp.float32),
+        k_BxKxDxS.astype(jnp.float32),
+        v_BxKxSxD.astype(jnp.float32),
+        valid_BxS.astype(bool),
+        jnp.asarray(q_slot, jnp.int32),
+    )
+
+
+def info() -> str:
+    """One line for logs and benchmarks: whether the kernels were built, and for which
+    instruction set."""
+    if not AVAILABLE:
+        return "cpu kernels: not built"
+    return f"cpu kernels: {_cpu_kernels.instruction_set()}"

@@ -1,0 +1,197 @@
+"""The CPU decode kernels (`cacherl_jax/sampling/_cpu_kernels.cc`) against float64 numpy: the
+packed matmul at decode and prefill shapes, the decode attention with its mask rule, every
+instruction-set variant, and whole generations with and without them."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cacherl_jax.model import Qwen3Config, init_params
+from cacherl_jax.sampling import Sampler, SamplingParams, cpu_kernels
+
+
+def test_the_kernels_are_built_by_the_install():
+    """`make test` builds the extension; a failed build would otherwise pass every other test on
+    XLA's ops, and the sampler would quietly run at half speed."""
+    assert cpu_kernels.AVAILABLE
+    assert cpu_kernels.usable(jax.devices("cpu")[:1], jnp.float32)
+    assert not cpu_kernels.usable(jax.devices("cpu")[:1], jnp.bfloat16)
+
+
+def test_pack_is_panels_of_sixteen_output_rows():
+    w_OxI = jnp.arange(64 * 3, dtype=jnp.float32).reshape(64, 3)
+    packed = cpu_kernels.pack(w_OxI)
+    assert packed.shape == (4, 3, 16)
+    np.testing.assert_array_equal(packed[1, 2], w_OxI[16:32, 2])
+    np.testing.assert_array_equal(cpu_kernels.unpack(packed), w_OxI)
+    assert cpu_kernels.packable(w_OxI) and not cpu_kernels.packable(w_OxI[:48])
+    assert not cpu_kernels.packable(w_OxI.astype(jnp.bfloat16))
+
+
+_matmul = jax.jit(cpu_kernels.packed_matmul)
+
+
+# Odd panel counts (the single-panel tail), inputs of 1, column counts around the 8-column block,
+# and a prefill-sized product.
+@pytest.mark.parametrize(
+    "out,inputs,columns",
+    [(32, 1, 1), (48, 7, 3), (64, 64, 8), (1024, 512, 9), (512, 1536, 32), (96, 40, 301)],
+)
+def test_packed_matmul_equals_float64(out, inputs, columns):
+    rng = np.random.default_rng(out + inputs + columns)
+    w_OxI = rng.standard_normal((out, inputs), np.float32)
+    x_IxN = rng.standard_normal((inputs, columns), np.float32)
+    got = np.asarray(_matmul(cpu_kernels.pack(jnp.asarray(w_OxI)), jnp.asarray(x_IxN)))
+    expected = w_OxI.astype(np.float64) @ x_IxN.astype(np.float64)
+    # float32 sums of `inputs` products of unit normals: error ~ sqrt(inputs) * 2^-24 * |terms|.
+    scale = np.abs(w_OxI).astype(np.float64) @ np.abs(x_IxN).astype(np.float64)
+    assert np.all(np.abs(got - expected) <= 1e-6 * scale + 1e-30)
+
+
+def test_packed_matmul_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="does not multiply"):
+        cpu_kernels.packed_matmul(jnp.zeros((2, 8, 16)), jnp.zeros((9, 4)))
+
+
+def _attention_float64(q_BxKxGxD, k_BxKxDxS, v_BxKxSxD, valid_BxS, q_slot):
+    """The mask of kv_cache.extend at T = 1, written out: slots up to the query's whose validity
+    equals the query slot's, and the query's own slot."""
+    B, K, G, D = q_BxKxGxD.shape
+    out = np.zeros((B, K, G, D))
+    for b in range(B):
+        same = valid_BxS[b, : q_slot + 1] == valid_BxS[b, q_slot]
+        same[q_slot] = True
+        for k in range(K):
+            scores_GxS = q_BxKxGxD[b, k].astype(np.float64) @ k_BxKxDxS[b, k, :, : q_slot + 1]
+            scores_GxS = np.where(same, scores_GxS, -np.inf)
+            p_GxS = np.exp(scores_GxS - scores_GxS.max(axis=1, keepdims=True))
+            p_GxS /= p_GxS.sum(axis=1, keepdims=True)
+            out[b, k] = p_GxS @ v_BxKxSxD[b, k, : q_slot + 1].astype(np.float64)
+    return out
+
+
+_attention = jax.jit(cpu_kernels.decode_attention)
+
+
+# Head dims on and off the 16-wide vector, groups of 1-4 query heads, slot counts around the
+# 16- and 64-slot blocks, the first slot and the last.
+@pytest.mark.parametrize(
+    "G,D,S,q_slot",
+    [(2, 64, 192, 100), (1, 16, 37, 36), (4, 128, 80, 79), (2, 24, 70, 0), (3, 8, 200, 130)],
+)
+def test_decode_attention_equals_float64(G, D, S, q_slot):
+    rng = np.random.default_rng(G * 1000 + D + S)
+    B, K = 3, 2
+    # Scores spread over ~[-60, 60]: the exponential's range reduction is exercised, not only
+    # its polynomial near 0.
+    q = rng.standard_normal((B, K, G, D), np.float32) * (8 / np.sqrt(D))
+    keys = rng.standard_normal((B, K, D, S), np.float32) * 2
+    values = rng.standard_normal((B, K, S, D), np.float32)
+    valid = rng.random((B, S)) < 0.8
+    valid[1] = True  # a full row
+    valid[2, q_slot] = False  # a stopped row: its query attends the invalid slots
+    got = np.asarray(_attention(q, keys, values, valid, q_slot))
+    expected = _attention_float64(q, keys, values, valid, q_slot)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_decode_attention_reads_no_slot_after_the_query():
+    """Slots past the query hold garbage (NaN) in a real cache's unwritten part: never read."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 1, 2, 16), np.float32)
+    keys = rng.standard_normal((2, 1, 16, 40), np.float32)
+    values = rng.standard_normal((2, 1, 40, 16), np.float32)
+    keys[..., 21:] = np.nan
+    values[:, :, 21:] = np.nan
+    valid = np.ones((2, 40), bool)
+    got = np.asarray(_attention(q, keys, values, valid, 20))
+    assert np.isfinite(got).all()
+    expected = _attention_float64(q, keys, values, valid, 20)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_decode_attention_refuses_a_slot_outside_the_cache():
+    args = (np.zeros((1, 1, 1, 16)), np.zeros((1, 1, 16, 8)), np.zeros((1, 1, 8, 16)))
+    with pytest.raises(Exception, match="query slot outside the cache"):
+        jax.block_until_ready(_attention(*args, np.ones((1, 8), bool), 8))
+
+
+_VARIANT_CHECK = """
+import numpy as np, jax, jax.numpy as jnp
+from cacherl_jax.sampling import cpu_kernels
+rng = np.random.default_rng(1)
+w = rng.standard_normal((96, 50), np.float32); x = rng.standard_normal((50, 13), np.float32)
+y = np.asarray(jax.jit(cpu_kernels.packed_matmul)(cpu_kernels.pack(jnp.asarray(w)), x))
+assert np.abs(y - w.astype(np.float64) @ x).max() < 1e-4
+q = rng.standard_normal((2, 2, 2, 24), np.float32); k = rng.standard_normal((2, 2, 24, 70), np.float32)
+v = rng.standard_normal((2, 2, 70, 24), np.float32); valid = rng.random((2, 70)) < 0.7
+out = np.asarray(jax.jit(cpu_kernels.decode_attention)(q, k, v, valid, 69))
+np.save(__import__("sys").argv[1], out)
+print(cpu_kernels.info())
+"""
+
+
+def test_every_instruction_set_variant_gives_the_same_results(tmp_path):
+    """The AVX2 and portable builds of the loops, which this machine would not pick, against the
+    one it picks (each in a fresh process: the variant is chosen when the extension loads)."""
+    results = {}
+    for cap in ["", "avx2", "generic"]:
+        path = tmp_path / f"attention-{cap or 'best'}.npy"
+        env = dict(os.environ, CACHERL_CPU_ISA=cap, JAX_PLATFORMS="cpu")
+        done = subprocess.run(
+            [sys.executable, "-c", _VARIANT_CHECK, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (cap or "") in done.stdout
+        results[cap] = np.load(path)
+    for cap in ["avx2", "generic"]:
+        np.testing.assert_allclose(results[cap], results[""], rtol=1e-5, atol=1e-6)
+
+
+# --- whole generations ----------------------------------------------------------------------------
+
+# Three query heads share one kv head; the fused q/k/v projection has (3 + 1 + 1) x 16 = 80 rows,
+# not whole pairs of panels, so it stays unpacked on XLA's dot while the rest is packed.
+SMALL = Qwen3Config(
+    vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=3,
+    num_kv_heads=1, head_dim=16, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def test_generation_with_and_without_the_kernels_agree():
+    """Same tokens greedily, and log-probs within float32 noise at temperature 1, over a
+    continuation too, with a step that mixes the kernel and XLA's dot."""
+    params = init_params(SMALL, jax.random.key(3))
+    with_kernels = Sampler(params, SMALL, cpu_kernels=True)
+    without = Sampler(params, SMALL, cpu_kernels=False)
+    layer, plain = with_kernels.weights["layers"][0], without.weights["layers"][0]
+    assert layer["w_gate_up"].ndim == 3 and layer["w_down"].ndim == 3
+    assert layer["w_qkv"].ndim == 2  # 80 rows
+    assert plain["w_gate_up"].ndim == 2 and with_kernels.weights["unembed_VxE"].ndim == 3
+    prompts = [[5, 6, 7], list(range(1, 20)), [9]]
+    for sampling in [
+        SamplingParams(temperature=0, max_new_tokens=24),
+        SamplingParams(temperature=1.0, max_new_tokens=24, seed=4),
+    ]:
+        state_a, a = with_kernels.start(prompts, sampling)
+        state_b, b = without.start(prompts, sampling)
+        _, a2 = with_kernels.resume(state_a, [[3, 4], [5], [6, 7, 8]])
+        _, b2 = without.resume(state_b, [[3, 4], [5], [6, 7, 8]])
+        for x, y in zip(a + a2, b + b2, strict=True):
+            np.testing.assert_array_equal(x.token_ids, y.token_ids)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+
+
+def test_asking_for_the_kernels_where_they_cannot_run_is_refused():
+    params = init_params(SMALL, jax.random.key(0))
+    with pytest.raises(ValueError, match="cannot run here"):
+        Sampler(params, SMALL.replace(compute_dtype="bfloat16"), cpu_kernels=True)
