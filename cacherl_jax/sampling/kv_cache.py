@@ -26,6 +26,10 @@ tokens), so every weight matmul is `W_OxI @ x_IxN` with the weight as the left o
 XLA:CPU's matmul library streams fastest when N is small (a decode step). Measured on bench_29m,
 both layouts compiled in one process and timed alternately: batch 8 552 -> 631 tokens/s (best of
 6), batch 32 902 -> 1005 (best of 4); a long prefill chunk is 2-4% slower.
+
+On one CPU device the sampler lays the weights out for the CPU kernels instead
+(`sampling_weights(packed=True)`, cpu_kernels.py): every matmul runs as a custom call on a packed
+weight, and a decode step's attention runs as one that reads only the slots written so far.
 """
 
 from __future__ import annotations
