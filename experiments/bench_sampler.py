@@ -12,6 +12,9 @@ tokens), at a bandwidth measured here on 512 MB arrays: `roofline_fraction` uses
 read + written, STREAM's convention), `read_roofline_fraction` a read-only pass, which is what
 decoding does and which these machines sustain faster.
 
+On one CPU device our sampler runs its decode steps in the CPU kernels (cpu_kernels.py); the
+same sampler on XLA's own ops is timed too ("ours, XLA ops"), which shows what they bring.
+
 Prints a table, then one JSON line: `ratio` (ours / transformers tokens/s at the first batch
 size), `ratio_b32`, `roofline_fraction` (ours / copy-bandwidth limit at the first batch size),
 and the same per batch size with a `_b{batch}` suffix.
@@ -35,7 +38,7 @@ import numpy as np
 from cacherl_jax import reference
 from cacherl_jax.model import count_params, load_hf_checkpoint, presets
 from cacherl_jax.precision import full_float32_matmuls
-from cacherl_jax.sampling import Sampler, SamplingParams
+from cacherl_jax.sampling import Sampler, SamplingParams, cpu_kernels
 
 ON_GPU = jax.default_backend() == "gpu"  # then transformers runs on the GPU too
 
@@ -108,12 +111,14 @@ def main() -> None:
     hf_model.to(torch_device)
     n_params = count_params(params)
     sampler = Sampler(params, config)
+    # The same sampler on XLA's own ops, where the CPU kernels run by default: their gain.
+    xla_sampler = Sampler(params, config, cpu_kernels=False) if sampler.cpu_kernels else None
     bandwidth, read_bandwidth = measure_bandwidth()
     rng = np.random.default_rng(0)
     new = args.new_tokens
     context = args.prompt_len + (new - 1) / 2
 
-    rows, read_limits = [], []
+    rows, read_limits, xla_rates = [], [], []
     for batch in args.batches:
         prompts_BxT = rng.integers(0, config.vocab_size, (batch, args.prompt_len))
         sampling = [
@@ -121,7 +126,7 @@ def main() -> None:
             for row in range(batch)
         ]
 
-        def ours(prompts_BxT=prompts_BxT, sampling=sampling):
+        def ours(prompts_BxT=prompts_BxT, sampling=sampling, sampler=sampler):
             generations = sampler.generate(prompts_BxT.tolist(), sampling)
             assert all(len(g) == new for g in generations)
 
@@ -144,6 +149,11 @@ def main() -> None:
             assert out.cpu().shape == (batch, args.prompt_len + new)  # .cpu() waits for the GPU
 
         ours_rate = batch * new / _median_seconds(ours, args.repeats)
+        xla_rate = (
+            float("nan")
+            if xla_sampler is None
+            else batch * new / _median_seconds(lambda: ours(sampler=xla_sampler), args.repeats)
+        )
         hf_rate = (
             float("nan")
             if args.skip_transformers
@@ -151,6 +161,7 @@ def main() -> None:
         )
         step_bytes = bytes_per_step(config, n_params, batch, context)
         rows.append((batch, ours_rate, hf_rate, batch * bandwidth / step_bytes))
+        xla_rates.append(xla_rate)
         read_limits.append(batch * read_bandwidth / step_bytes)
 
     skipped = args.skip_transformers
@@ -161,16 +172,20 @@ def main() -> None:
         f"{jax.devices()[0].device_kind if ON_GPU else f'{os.cpu_count()} CPU cores'}, torch threads "
         f"{args.torch_threads}, bandwidth {bandwidth / 1e9:.1f} GB/s copy / "
         f"{read_bandwidth / 1e9:.1f} GB/s read; "
-        f"jax {jax.__version__} / torch {torch.__version__}"
+        f"jax {jax.__version__} / torch {torch.__version__}; "
+        f"{cpu_kernels.info() if sampler.cpu_kernels else 'cpu kernels: off'}"
     )
     print(
-        f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6} "
-        f"{'roofline tok/s':>15} {'of roofline':>12} {'of read roofline':>17}"
+        f"{'batch':>5} {'ours tok/s':>11} {'ours, XLA ops':>14} {'transformers tok/s':>19} "
+        f"{'ratio':>6} {'roofline tok/s':>15} {'of roofline':>12} {'of read roofline':>17}"
     )
-    for (batch, ours_rate, hf_rate, limit), read_limit in zip(rows, read_limits, strict=True):
+    for (batch, ours_rate, hf_rate, limit), read_limit, xla_rate in zip(
+        rows, read_limits, xla_rates, strict=True
+    ):
         print(
-            f"{batch:>5} {ours_rate:>11.0f} {hf_rate:>19.0f} {ours_rate / hf_rate:>6.2f} "
-            f"{limit:>15.0f} {ours_rate / limit:>12.2f} {ours_rate / read_limit:>17.2f}"
+            f"{batch:>5} {ours_rate:>11.0f} {xla_rate:>14.0f} {hf_rate:>19.0f} "
+            f"{ours_rate / hf_rate:>6.2f} {limit:>15.0f} {ours_rate / limit:>12.2f} "
+            f"{ours_rate / read_limit:>17.2f}"
         )
     result = {
         "model": args.model,
@@ -179,14 +194,16 @@ def main() -> None:
         "greedy": args.greedy,
         "bandwidth_gb_per_s": round(bandwidth / 1e9, 2),
         "read_bandwidth_gb_per_s": round(read_bandwidth / 1e9, 2),
+        "cpu_kernels": sampler.cpu_kernels,
     }
-    for i, ((batch, ours_rate, hf_rate, limit), read_limit) in enumerate(
-        zip(rows, read_limits, strict=True)
+    for i, ((batch, ours_rate, hf_rate, limit), read_limit, xla_rate) in enumerate(
+        zip(rows, read_limits, xla_rates, strict=True)
     ):
         suffix = "" if i == 0 else f"_b{batch}"
         result |= {
             f"batch{suffix}": batch,
             f"tokens_per_s{suffix}": round(ours_rate, 1),
+            f"tokens_per_s_xla_ops{suffix}": None if xla_sampler is None else round(xla_rate, 1),
             f"tokens_per_s_transformers{suffix}": None if skipped else round(hf_rate, 1),
             f"ratio{suffix}": None if skipped else round(ours_rate / hf_rate, 3),
             f"roofline_tokens_per_s{suffix}": round(limit, 1),
