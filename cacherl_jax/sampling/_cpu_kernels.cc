@@ -1,26 +1,28 @@
-// A float32 matmul for decoding on CPU, called from jitted code as an XLA FFI custom call.
+// Decoding's matmuls and attention on CPU, called from jitted code as XLA FFI custom calls.
 //
-// y[O, N] = W[O, I] @ x[I, N] with the weight pre-packed into panels of 16 output rows,
-// W_packed[P, I, 16] (panel p holds rows 16p..16p+15, one row of 16 per input feature), so one
-// panel streams as one contiguous block. Decoding multiplies each weight by a handful of
+// Packed matmul: y[O, N] = W[O, I] @ x[I, N] with the weight pre-packed into panels of 16 output
+// rows, W_packed[P, I, 16] (panel p holds rows 16p..16p+15, one row of 16 per input feature), so
+// one panel streams as one contiguous block. Decoding multiplies each weight by a handful of
 // activation columns (the batch), which makes it a stream of the weights through the cores:
 // XLA:CPU's matmul library re-lays out and streams them at 7-15 GB/s at 8 columns; this kernel
 // keeps 8 columns x 2 panels of accumulators in registers and splits the panels over XLA's
 // intra-op threads.
-// See kv_cache.py and README.md (Sampling and serving) for the measurements.
 //
-// Built by setup.py against jaxlib's FFI headers; registered by cpu_kernels.py.
+// Decode attention: one new query per row over the KV cache, reading only the slots written so
+// far (XLA's static shapes make its attention read the whole cache every step).
+//
+// See cpu_kernels.py and README.md (Sampling and serving) for the measurements. Built by setup.py
+// against jaxlib's FFI headers; registered by cpu_kernels.py.
 
 #include <Python.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <memory>
-#include <cmath>
 #include <string>
 #include <thread>
 #include <vector>
@@ -53,7 +55,8 @@ inline __attribute__((always_inline)) void Block(const float* w, const float* x,
   for (int64_t i = 0; i < I; i++) {
     Vec16 wv[PB];
 #pragma GCC unroll 4
-    for (int q = 0; q < PB; q++) std::memcpy(&wv[q], panel + (q * I + i) * kPanel, sizeof(Vec16));
+    for (int q = 0; q < PB; q++)
+      std::memcpy(&wv[q], panel + (q * I + i) * kPanel, sizeof(Vec16));
 #pragma GCC unroll 16
     for (int b = 0; b < NB; b++) {
       const float s = column[i * N + b];
@@ -194,11 +197,11 @@ using PanelsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, 
 
 // The same loops compiled for three instruction sets; the widest the CPU has is picked at load.
 // AVX-512 has 32 vector registers (16 accumulators fit), AVX2 16 (a Vec16 takes two).
-#define CACHERL_ATTEND_FOR(SUFFIX, TARGET)                                                     \
-  TARGET void Attend##SUFFIX(const float* q, const float* keys, const float* values,          \
-                             const bool* valid, int64_t G, int64_t D, int64_t S, int64_t q_slot, \
-                             float* out, float* scores) {                                      \
-    AttendOne(q, keys, values, valid, G, D, S, q_slot, out, scores);                           \
+#define CACHERL_ATTEND_FOR(SUFFIX, TARGET)                                                   \
+  TARGET void Attend##SUFFIX(const float* q, const float* keys, const float* values,        \
+                             const bool* valid, int64_t G, int64_t D, int64_t S,            \
+                             int64_t q_slot, float* out, float* scores) {                   \
+    AttendOne(q, keys, values, valid, G, D, S, q_slot, out, scores);                         \
   }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CACHERL_AVX512 __attribute__((target("avx512f,fma")))
@@ -262,7 +265,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F body) {
     }
   };
   auto state = std::make_shared<State>(body, n, grain);
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), state->chunks);
+  const int64_t threads =
+      std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), state->chunks);
   for (int64_t t = 1; t < threads; t++) pool.Schedule([state] { state->Work(); });
   state->Work();
   // Every chunk is claimed; wait for the ones other threads are still computing.
