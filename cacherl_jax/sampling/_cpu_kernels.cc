@@ -159,9 +159,7 @@ inline __attribute__((always_inline)) void AttendOne(const float* q, const float
     for (s = 0; s < n16; s += 16) {
       Vec16 v;
       std::memcpy(&v, sc + s, sizeof(v));
-      const Vec16 masked = v == -INFINITY ? Vec16{} + 1.0f : Vec16{};
-      Vec16 e = ExpNonPositive(v - max);
-      e = masked != 0 ? Vec16{} : e;
+      const Vec16 e = v == -INFINITY ? Vec16{} : ExpNonPositive(v - max);
       std::memcpy(sc + s, &e, sizeof(e));
       for (int j = 0; j < 16; j++) sum += e[j];
     }
@@ -325,7 +323,9 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_BxK
   const bool* valid = valid_BxS.typed_data();
   float* out = out_BxKxGxD->typed_data();
   ParallelFor(pool, B * K, Grain(pool, B * K, 1), [=](int64_t i0, int64_t i1) {
-    std::vector<float> scores(G * S);
+    // Per thread and kept between calls: no allocation in each decode step's layers.
+    thread_local std::vector<float> scores;
+    if (scores.size() < static_cast<size_t>(G * S)) scores.resize(G * S);
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / K;
       kIsa.attend(q + i * G * D, keys + i * D * S, values + i * S * D, valid + b * S, G, D, S,
