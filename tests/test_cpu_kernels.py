@@ -2,6 +2,7 @@
 packed matmul at decode and prefill shapes, the decode attention with its mask rule, every
 instruction-set variant, and whole generations with and without them."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -75,7 +76,53 @@ def _attention_float64(q_BxKxGxD, k_BxKxDxS, v_BxKxSxD, valid_BxS, q_slot):
     return out
 
 
-_attention = jax.jit(cpu_kernels.decode_attention)
+def _norm_and_rope_float64(x_HxD, weight_D, cos_D, sin_D, eps):
+    """Per-head RMSNorm then rotate-half RoPE (qwen3.rms_norm, qwen3.apply_rope) in float64."""
+    x = x_HxD.astype(np.float64)
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight_D
+    half = y.shape[-1] // 2
+    rotated = np.concatenate([-y[:, half:], y[:, :half]], axis=-1)
+    return y * cos_D + rotated * sin_D
+
+
+def _block_float64(qkv, q_norm, k_norm, cos, sin, keys, values, valid, q_slot, H, eps):
+    """The attention block written out: (out [H D, B], keys, values) with the new key and value
+    in slot `q_slot`."""
+    B, K, D, _ = keys.shape
+    G = H // K
+    keys, values = keys.astype(np.float64), values.astype(np.float64)
+    q_BxKxGxD = np.zeros((B, K, G, D))
+    for b in range(B):
+        heads = qkv[:, b].reshape(H + 2 * K, D)
+        q_BxKxGxD[b] = (
+            _norm_and_rope_float64(heads[:H], q_norm, cos[:, b], sin[:, b], eps) / np.sqrt(D)
+        ).reshape(K, G, D)
+        keys[b, :, :, q_slot] = _norm_and_rope_float64(
+            heads[H : H + K], k_norm, cos[:, b], sin[:, b], eps
+        )
+        values[b, :, q_slot] = heads[H + K :]
+    out = _attention_float64(q_BxKxGxD, keys, values, valid, q_slot)
+    return out.transpose(1, 2, 3, 0).reshape(H * D, B), keys, values
+
+
+def _random_block(rng, B, H, K, D, S, q_slot):
+    """Block inputs: scores spread over tens (the exponential's range reduction runs, not only
+    its polynomial near 0), a full row and a stopped one (its query attends invalid slots)."""
+    qkv = rng.standard_normal(((H + 2 * K) * D, B), np.float32) * 3
+    norms = [1 + rng.standard_normal(D, np.float32) for _ in range(2)]
+    angles = rng.uniform(0, 50, (D, B)).astype(np.float32)
+    keys = rng.standard_normal((B, K, D, S), np.float32) * 2
+    values = rng.standard_normal((B, K, S, D), np.float32)
+    valid = rng.random((B, S)) < 0.8
+    valid[1] = True
+    valid[2, q_slot] = False
+    # q and the new key are RMS-normalised: their scale comes from the norm weights.
+    norms[0] *= 8 / np.sqrt(D) ** 0.5
+    return [qkv, *norms, np.cos(angles), np.sin(angles), keys, values, valid, q_slot]
+
+
+def _block(*args, H, eps=1e-6):
+    return jax.jit(functools.partial(cpu_kernels.decode_attention, num_heads=H, eps=eps))(*args)
 
 
 # Head dims on and off the 16-wide vector, groups of 1-4 query heads, slot counts around the
@@ -87,38 +134,39 @@ _attention = jax.jit(cpu_kernels.decode_attention)
 def test_decode_attention_equals_float64(G, D, S, q_slot):
     rng = np.random.default_rng(G * 1000 + D + S)
     B, K = 3, 2
-    # Scores spread over ~[-60, 60]: the exponential's range reduction is exercised, not only
-    # its polynomial near 0.
-    q = rng.standard_normal((B, K, G, D), np.float32) * (8 / np.sqrt(D))
-    keys = rng.standard_normal((B, K, D, S), np.float32) * 2
-    values = rng.standard_normal((B, K, S, D), np.float32)
-    valid = rng.random((B, S)) < 0.8
-    valid[1] = True  # a full row
-    valid[2, q_slot] = False  # a stopped row: its query attends the invalid slots
-    got = np.asarray(_attention(q, keys, values, valid, q_slot))
-    expected = _attention_float64(q, keys, values, valid, q_slot)
-    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+    args = _random_block(rng, B, G * K, K, D, S, q_slot)
+    got = [np.asarray(x) for x in _block(*args, H=G * K)]
+    expected = _block_float64(*args, G * K, 1e-6)
+    for x, y in zip(got, expected, strict=True):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5)
+    # The caches changed in slot q_slot only.
+    for x, before, slot_axis in zip(got[1:], args[5:7], [3, 2], strict=True):
+        assert set(np.argwhere(x != before)[:, slot_axis]) == {q_slot}
 
 
 def test_decode_attention_reads_no_slot_after_the_query():
     """Slots past the query hold garbage (NaN) in a real cache's unwritten part: never read."""
-    rng = np.random.default_rng(0)
-    q = rng.standard_normal((2, 1, 2, 16), np.float32)
-    keys = rng.standard_normal((2, 1, 16, 40), np.float32)
-    values = rng.standard_normal((2, 1, 40, 16), np.float32)
+    args = _random_block(np.random.default_rng(0), 3, 2, 1, 16, 40, 20)
+    keys, values = args[5], args[6]
     keys[..., 21:] = np.nan
     values[:, :, 21:] = np.nan
-    valid = np.ones((2, 40), bool)
-    got = np.asarray(_attention(q, keys, values, valid, 20))
-    assert np.isfinite(got).all()
-    expected = _attention_float64(q, keys, values, valid, 20)
-    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+    out = np.asarray(_block(*args, H=2)[0])
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, _block_float64(*args, 2, 1e-6)[0], rtol=2e-5, atol=2e-5)
 
 
 def test_decode_attention_refuses_a_slot_outside_the_cache():
-    args = (np.zeros((1, 1, 1, 16)), np.zeros((1, 1, 16, 8)), np.zeros((1, 1, 8, 16)))
+    args = _random_block(np.random.default_rng(0), 3, 2, 1, 16, 8, 7)
+    args[-1] = 8
     with pytest.raises(Exception, match="query slot outside the cache"):
-        jax.block_until_ready(_attention(*args, np.ones((1, 8), bool), 8))
+        jax.block_until_ready(_block(*args, H=2))
+
+
+def test_decode_attention_refuses_heads_that_do_not_divide():
+    args = _random_block(np.random.default_rng(0), 3, 4, 2, 16, 8, 7)
+    args[0] = args[0][: (3 + 4) * 16]  # qkv rows for 3 query heads and 2 kv heads
+    with pytest.raises(Exception, match="multiple of K"):
+        jax.block_until_ready(_block(*args, H=3))
 
 
 _VARIANT_CHECK = """
@@ -128,10 +176,13 @@ rng = np.random.default_rng(1)
 w = rng.standard_normal((96, 50), np.float32); x = rng.standard_normal((50, 13), np.float32)
 y = np.asarray(jax.jit(cpu_kernels.packed_matmul)(cpu_kernels.pack(jnp.asarray(w)), x))
 assert np.abs(y - w.astype(np.float64) @ x).max() < 1e-4
-q = rng.standard_normal((2, 2, 2, 24), np.float32); k = rng.standard_normal((2, 2, 24, 70), np.float32)
-v = rng.standard_normal((2, 2, 70, 24), np.float32); valid = rng.random((2, 70)) < 0.7
-out = np.asarray(jax.jit(cpu_kernels.decode_attention)(q, k, v, valid, 69))
-np.save(__import__("sys").argv[1], out)
+qkv = rng.standard_normal((8 * 24, 2), np.float32); norm = 1 + rng.standard_normal(24, np.float32)
+angles = rng.uniform(0, 9, (24, 2)).astype(np.float32)
+k = rng.standard_normal((2, 2, 24, 70), np.float32); v = rng.standard_normal((2, 2, 70, 24), np.float32)
+valid = rng.random((2, 70)) < 0.7
+block = jax.jit(lambda *a: cpu_kernels.decode_attention(*a, num_heads=4, eps=1e-6))
+out = block(qkv, norm, norm, np.cos(angles), np.sin(angles), k, v, valid, 69)
+np.save(__import__("sys").argv[1], np.concatenate([np.asarray(x).ravel() for x in out]))
 print(cpu_kernels.info())
 """
 

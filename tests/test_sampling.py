@@ -359,6 +359,22 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
         assert abs(logp_B[b] - _log_softmax(filtered[None])[0, tokens_B[b]]) <= 1e-4
 
 
+def test_greedy_picks_the_first_of_tied_maxima():
+    """Integer logits tie often; greedy rows (under top-k and top-p too) take the first maximum,
+    as argmax and transformers do."""
+    B, V = 512, 64
+    logits_BxV = np.random.default_rng(2).integers(0, 4, (B, V)).astype(np.float32)
+    tokens_B, logp_B, raw_B = _sample_filtered(
+        logits_BxV,
+        jnp.linspace(0.0, 0.999, B),
+        jnp.zeros(B),
+        jnp.arange(B, dtype=jnp.int32) % 9,
+        jnp.linspace(0.05, 1.0, B),
+    )
+    np.testing.assert_array_equal(np.asarray(tokens_B), logits_BxV.argmax(axis=-1))
+    np.testing.assert_array_equal(np.asarray(logp_B), np.asarray(raw_B))
+
+
 def test_filtered_frequencies_match_the_filtered_softmax():
     """2048 seeds on one logit vector with temperature 0.8, top-k 8 and top-p 0.9: the counts fit
     the renormalised filtered distribution, and no excluded token ever appears."""

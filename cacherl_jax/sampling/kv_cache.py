@@ -29,7 +29,8 @@ both layouts compiled in one process and timed alternately: batch 8 552 -> 631 t
 
 On one CPU device the sampler lays the weights out for the CPU kernels instead
 (`sampling_weights(packed=True)`, cpu_kernels.py): every matmul runs as a custom call on a packed
-weight, and a decode step's attention runs as one that reads only the slots written so far.
+weight, and the rest of a decode step's attention block (the heads' norms and RoPE, the cache
+write, the attention) as one call that reads only the slots written so far.
 """
 
 from __future__ import annotations
@@ -197,6 +198,42 @@ def _attention(
     return out_BxTxHxD.astype(q_BxTxHxD.dtype)
 
 
+def _attention_block(
+    qkv_QxN: jax.Array,
+    layer: Weights,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    cos_DxN: jax.Array,
+    sin_DxN: jax.Array,
+    mask_BxTxS: jax.Array,
+    start: jax.Array,
+    config: Qwen3Config,
+    B: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """XLA's attention block after the fused q/k/v projection: per-head norms and RoPE, the new
+    keys and values written at slot `start`, attention. Returns (keys, values, out [H D, N])."""
+    H, K, D, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
+    N = qkv_QxN.shape[1]
+    T = N // B
+    q_HxDxN = _norm_and_rope_heads(
+        qkv_QxN[: H * D].reshape(H, D, N), layer["q_norm"], cos_DxN, sin_DxN, eps
+    )
+    k_KxDxN = _norm_and_rope_heads(
+        qkv_QxN[H * D : (H + K) * D].reshape(K, D, N), layer["k_norm"], cos_DxN, sin_DxN, eps
+    )
+    v_KxDxN = qkv_QxN[(H + K) * D :].reshape(K, D, N)
+    # Written in place when the cache buffers are donated or carried by a loop.
+    k_cache = lax.dynamic_update_slice(
+        k_cache, k_KxDxN.reshape(K, D, B, T).transpose(2, 0, 1, 3), (0, 0, 0, start)
+    )
+    v_cache = lax.dynamic_update_slice(
+        v_cache, v_KxDxN.reshape(K, D, B, T).transpose(2, 0, 3, 1), (0, 0, start, 0)
+    )
+    q_BxTxHxD = q_HxDxN.reshape(H, D, B, T).transpose(2, 3, 0, 1)
+    out_BxTxHxD = _attention(q_BxTxHxD, k_cache, v_cache, mask_BxTxS, config)
+    return k_cache, v_cache, out_BxTxHxD.reshape(N, H * D).T
+
+
 def extend(
     weights: Weights,
     config: Qwen3Config,
@@ -216,7 +253,7 @@ def extend(
     B, T = tokens_BxT.shape
     S = cache.max_len
     eps = config.rms_norm_eps
-    H, K, D = config.num_heads, config.num_kv_heads, config.head_dim
+    H, D = config.num_heads, config.head_dim
     dtype = qwen3.compute_dtype(config)
     start = cache.length
 
@@ -242,35 +279,27 @@ def extend(
     for layer, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
         h_ExN = qwen3.rms_norm(x_ExN, layer["attn_norm"], eps, axis=0)
         qkv_QxN = _linear(layer["w_qkv"], h_ExN)
-        q_HxDxN = _norm_and_rope_heads(
-            qkv_QxN[: H * D].reshape(H, D, N), layer["q_norm"], cos_DxN, sin_DxN, eps
-        )
-        k_KxDxN = _norm_and_rope_heads(
-            qkv_QxN[H * D : (H + K) * D].reshape(K, D, N), layer["k_norm"], cos_DxN, sin_DxN, eps
-        )
-        v_KxDxN = qkv_QxN[(H + K) * D :].reshape(K, D, N)
-        # Written in place when the cache buffers are donated or carried by a loop.
-        k_cache = lax.dynamic_update_slice(
-            k_cache, k_KxDxN.reshape(K, D, B, T).transpose(2, 0, 1, 3), (0, 0, 0, start)
-        )
-        v_cache = lax.dynamic_update_slice(
-            v_cache, v_KxDxN.reshape(K, D, B, T).transpose(2, 0, 3, 1), (0, 0, start, 0)
-        )
+        if T == 1 and kernels:  # a decode step: the rest of the block is one custom call
+            out_HDxN, k_cache, v_cache = cpu_kernels.decode_attention(
+                qkv_QxN,
+                layer["q_norm"],
+                layer["k_norm"],
+                cos_DxN,
+                sin_DxN,
+                k_cache,
+                v_cache,
+                valid_BxS,
+                start,
+                num_heads=H,
+                eps=eps,
+            )
+        else:
+            k_cache, v_cache, out_HDxN = _attention_block(
+                qkv_QxN, layer, k_cache, v_cache, cos_DxN, sin_DxN, mask_BxTxS, start, config, B
+            )
         k_layers.append(k_cache)
         v_layers.append(v_cache)
-        if T == 1 and kernels:  # a decode step: the CPU kernel reads only the filled slots
-            G = config.num_groups
-            scale = jnp.asarray(D**-0.5, q_HxDxN.dtype)
-            q_BxKxGxD = (q_HxDxN * scale).reshape(K, G, D, B).transpose(3, 0, 1, 2)
-            out_BxKxGxD = cpu_kernels.decode_attention(
-                q_BxKxGxD, k_cache, v_cache, valid_BxS, start
-            )
-            out_NxHD = out_BxKxGxD.astype(dtype).reshape(N, H * D)
-        else:
-            q_BxTxHxD = q_HxDxN.reshape(H, D, B, T).transpose(2, 3, 0, 1)
-            out_BxTxHxD = _attention(q_BxTxHxD, k_cache, v_cache, mask_BxTxS, config)
-            out_NxHD = out_BxTxHxD.reshape(N, H * D)
-        x_ExN = x_ExN + _linear(layer["wo"], out_NxHD.T)
+        x_ExN = x_ExN + _linear(layer["wo"], out_HDxN)
         h_ExN = qwen3.rms_norm(x_ExN, layer["mlp_norm"], eps, axis=0)
         gate_up_2FxN = _linear(layer["w_gate_up"], h_ExN)
         gate_FxN, up_FxN = jnp.split(gate_up_2FxN, 2, axis=0)
