@@ -16,6 +16,8 @@ out=${1:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TQDM_MININTERVAL=30
+# The benchmarks are scripts in experiments/: the package is imported from this checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, print the tail
   local name=$1 seconds=$2

@@ -276,10 +276,11 @@ def test_cpu_attention_and_its_backward_pass_match_a_float64_reference(
     grads = vjp(jnp.asarray(d_out, jnp.float32))
     for name, got, want in zip("qkv", grads, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=5e-5, err_msg=f"d{name}")
-    # Under jax.checkpoint (config.remat) the same gradients.
+    # Under jax.checkpoint (config.remat) the same gradients, up to float32 rounding: on a GPU
+    # XLA fuses the recomputed forward differently (3e-7 apart on an H200).
     remat_grads = jax.vjp(jax.jit(jax.checkpoint(ours)), *f32)[1](jnp.asarray(d_out, jnp.float32))
     for got, want in zip(remat_grads, grads, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # Keys of another packed example and padding get no gradient from a row's queries.
     only_first_BxTxHxD = np.zeros_like(d_out)
     only_first_BxTxHxD[0, :40] = d_out[0, :40]

@@ -174,9 +174,10 @@ def _sample(
 
     max_B = jnp.max(scaled_BxV, axis=-1)
     weights_BxV = jnp.exp(scaled_BxV - max_B[:, None])  # unnormalised sampling distribution
-    # A greedy row draws from weight 1 on its maxima (top-k and top-p keep them) with u = 0: the
-    # first of them, as argmax picks. XLA:CPU's argmax over V is ~30x slower than a max.
-    draw_BxV = jnp.where(greedy_B[:, None], scaled_BxV == max_B[:, None], weights_BxV)
+    # A greedy row draws from weight 1 on the maxima of its logits with u = 0: the first of them,
+    # as argmax picks. XLA:CPU's argmax over V is ~30x slower than a max.
+    raw_max_B = jnp.max(logits_BxV, axis=-1)
+    draw_BxV = jnp.where(greedy_B[:, None], logits_BxV == raw_max_B[:, None], weights_BxV)
     token_B = _inverse_cdf(draw_BxV, jnp.where(greedy_B, 1.0, uniform_B)).astype(jnp.int32)
 
     def at(x_BxV):
@@ -184,7 +185,8 @@ def _sample(
 
     # Log-probs of the chosen token only: no [B, V] log-softmax is materialised.
     logp_B = at(scaled_BxV) - max_B - jnp.log(jnp.sum(weights_BxV, axis=-1))
-    raw_B = at(logits_BxV) - jax.nn.logsumexp(logits_BxV, axis=-1)
+    raw_sum_B = jnp.sum(jnp.exp(logits_BxV - raw_max_B[:, None]), axis=-1)
+    raw_B = at(logits_BxV) - raw_max_B - jnp.log(raw_sum_B)
     return token_B, jnp.where(greedy_B, raw_B, logp_B), raw_B
 
 
