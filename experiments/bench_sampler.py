@@ -10,19 +10,23 @@ included). The roofline is the memory-bandwidth limit of decoding: every step re
 once plus the keys and values of the context so far (the average context is prompt + half the new
 tokens), at a bandwidth measured here on 512 MB arrays: `roofline_fraction` uses a copy (bytes
 read + written, STREAM's convention), `read_roofline_fraction` a read-only pass, which is what
-decoding does and which these machines sustain faster.
+decoding does and which these machines sustain faster. The compute limit is the other bound:
+the matmul FLOPs of a whole call (prefill, whose output projection runs for the last token only,
+plus one step per new token) at the best float32 matmul rate measured here (XLA's dot, and the
+CPU kernel's where it runs, on 2048-square operands); `compute_fraction` is ours over it.
 
 On one CPU device our sampler runs its decode steps in the CPU kernels (cpu_kernels.py); the
 same sampler on XLA's own ops is timed too ("ours, XLA ops"), which shows what they bring.
 
 Prints a table, then one JSON line: `ratio` (ours / transformers tokens/s at the first batch
 size), `ratio_b32`, `roofline_fraction` (ours / copy-bandwidth limit at the first batch size),
-and the same per batch size with a `_b{batch}` suffix.
+`compute_fraction`, and the same per batch size with a `_b{batch}` suffix.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -73,6 +77,31 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> tuple[float, fl
     return 2 * src.nbytes / copy, src.nbytes / read
 
 
+def measure_matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """The best float32 matmul FLOP/s seen here: XLA's dot, and the CPU kernel's packed matmul
+    where it runs, on [size, size] x [size, size]."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    runs = [(jax.jit(lambda a, b: jnp.dot(a, b, precision="highest")), a)]
+    if cpu_kernels.usable(jax.devices(), jnp.float32):
+        runs.append((jax.jit(cpu_kernels.packed_matmul), cpu_kernels.pack(a)))
+    best = float("inf")
+    for matmul, left in runs:
+        run = functools.partial(lambda f, x: f(x, b).block_until_ready(), matmul, left)
+        run()  # compilation
+        best = min(best, *(_timed(run) for _ in range(repeats)))
+    return 2 * size**3 / best
+
+
+def flops_per_call(config, n_params: int, batch: int, prompt_len: int, new: int) -> float:
+    """Matmul FLOPs of one generate call: the prefill (output projection for the last prompt
+    token only) and one decode step per new token. Attention's and the norms' are left out."""
+    unembed = config.vocab_size * config.hidden_size
+    layers = n_params - unembed * (1 if config.tie_word_embeddings else 2)
+    prefill = 2 * layers * batch * prompt_len + 2 * unembed * batch
+    return prefill + new * 2 * (layers + unembed) * batch
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -114,11 +143,12 @@ def main() -> None:
     # The same sampler on XLA's own ops, where the CPU kernels run by default: their gain.
     xla_sampler = Sampler(params, config, cpu_kernels=False) if sampler.cpu_kernels else None
     bandwidth, read_bandwidth = measure_bandwidth()
+    matmul_rate = measure_matmul_rate()
     rng = np.random.default_rng(0)
     new = args.new_tokens
     context = args.prompt_len + (new - 1) / 2
 
-    rows, read_limits, xla_rates = [], [], []
+    rows, read_limits, xla_rates, compute_limits = [], [], [], []
     for batch in args.batches:
         prompts_BxT = rng.integers(0, config.vocab_size, (batch, args.prompt_len))
         sampling = [
@@ -163,6 +193,8 @@ def main() -> None:
         rows.append((batch, ours_rate, hf_rate, batch * bandwidth / step_bytes))
         xla_rates.append(xla_rate)
         read_limits.append(batch * read_bandwidth / step_bytes)
+        flops = flops_per_call(config, n_params, batch, args.prompt_len, new)
+        compute_limits.append(batch * new * matmul_rate / flops)
 
     skipped = args.skip_transformers
     mode = "greedy" if args.greedy else "sampling at temperature 1"
@@ -171,21 +203,23 @@ def main() -> None:
         f"tokens, {new} new tokens per row, {mode}; "
         f"{jax.devices()[0].device_kind if ON_GPU else f'{os.cpu_count()} CPU cores'}, torch threads "
         f"{args.torch_threads}, bandwidth {bandwidth / 1e9:.1f} GB/s copy / "
-        f"{read_bandwidth / 1e9:.1f} GB/s read; "
+        f"{read_bandwidth / 1e9:.1f} GB/s read, matmuls {matmul_rate / 1e9:.0f} GFLOP/s; "
         f"jax {jax.__version__} / torch {torch.__version__}; "
         f"{cpu_kernels.info() if sampler.cpu_kernels else 'cpu kernels: off'}"
     )
     print(
         f"{'batch':>5} {'ours tok/s':>11} {'ours, XLA ops':>14} {'transformers tok/s':>19} "
-        f"{'ratio':>6} {'roofline tok/s':>15} {'of roofline':>12} {'of read roofline':>17}"
+        f"{'ratio':>6} {'roofline tok/s':>15} {'of roofline':>12} {'of read roofline':>17} "
+        f"{'compute limit tok/s':>20} {'of compute limit':>17}"
     )
-    for (batch, ours_rate, hf_rate, limit), read_limit, xla_rate in zip(
-        rows, read_limits, xla_rates, strict=True
+    for (batch, ours_rate, hf_rate, limit), read_limit, xla_rate, compute_limit in zip(
+        rows, read_limits, xla_rates, compute_limits, strict=True
     ):
         print(
             f"{batch:>5} {ours_rate:>11.0f} {xla_rate:>14.0f} {hf_rate:>19.0f} "
             f"{ours_rate / hf_rate:>6.2f} {limit:>15.0f} {ours_rate / limit:>12.2f} "
-            f"{ours_rate / read_limit:>17.2f}"
+            f"{ours_rate / read_limit:>17.2f} {compute_limit:>20.0f} "
+            f"{ours_rate / compute_limit:>17.2f}"
         )
     result = {
         "model": args.model,
@@ -194,10 +228,11 @@ def main() -> None:
         "greedy": args.greedy,
         "bandwidth_gb_per_s": round(bandwidth / 1e9, 2),
         "read_bandwidth_gb_per_s": round(read_bandwidth / 1e9, 2),
+        "matmul_gflop_per_s": round(matmul_rate / 1e9, 1),
         "cpu_kernels": sampler.cpu_kernels,
     }
-    for i, ((batch, ours_rate, hf_rate, limit), read_limit, xla_rate) in enumerate(
-        zip(rows, read_limits, xla_rates, strict=True)
+    for i, ((batch, ours_rate, hf_rate, limit), read_limit, xla_rate, compute_limit) in enumerate(
+        zip(rows, read_limits, xla_rates, compute_limits, strict=True)
     ):
         suffix = "" if i == 0 else f"_b{batch}"
         result |= {
@@ -209,6 +244,8 @@ def main() -> None:
             f"roofline_tokens_per_s{suffix}": round(limit, 1),
             f"roofline_fraction{suffix}": round(ours_rate / limit, 3),
             f"read_roofline_fraction{suffix}": round(ours_rate / read_limit, 3),
+            f"compute_limit_tokens_per_s{suffix}": round(compute_limit, 1),
+            f"compute_fraction{suffix}": round(ours_rate / compute_limit, 3),
         }
     print(json.dumps(result))
 
