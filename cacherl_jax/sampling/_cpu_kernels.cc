@@ -111,6 +111,19 @@ inline __attribute__((always_inline)) Vec16 ExpNonPositive(Vec16 x) {
   return p * scale;
 }
 
+// y[0, n) += a * x[0, n), 16 lanes at a time.
+inline __attribute__((always_inline)) void Axpy(float a, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Vec16 xv, yv;
+    std::memcpy(&xv, x + i, sizeof(xv));
+    std::memcpy(&yv, y + i, sizeof(yv));
+    yv += xv * a;
+    std::memcpy(y + i, &yv, sizeof(yv));
+  }
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
 // One (row, kv head) of a decode step's attention: G query heads over slots [0, q_slot]. A slot
 // is attended where its validity equals the query slot's (the `same segment` rule of
 // qwen3.attention_mask) and always the query's own slot, as kv_cache.extend's mask does.
@@ -127,19 +140,7 @@ inline __attribute__((always_inline)) void AttendOne(const float* q, const float
   std::fill(scores, scores + G * S, 0.0f);
   for (int64_t d = 0; d < D; d++) {
     const float* row = keys + d * S;
-    for (int64_t g = 0; g < G; g++) {
-      const float qd = q[g * D + d];
-      float* sc = scores + g * S;
-      int64_t s = 0;
-      for (; s < n16; s += 16) {
-        Vec16 k, acc;
-        std::memcpy(&k, row + s, sizeof(k));
-        std::memcpy(&acc, sc + s, sizeof(acc));
-        acc += k * qd;
-        std::memcpy(sc + s, &acc, sizeof(acc));
-      }
-      for (; s < n; s++) sc[s] += qd * row[s];
-    }
+    for (int64_t g = 0; g < G; g++) Axpy(q[g * D + d], row, scores + g * S, n);
   }
   float* sums = scores + G * S;
   for (int64_t g = 0; g < G; g++) {
@@ -170,17 +171,7 @@ inline __attribute__((always_inline)) void AttendOne(const float* q, const float
     const float* vs = values + s * D;
     for (int64_t g = 0; g < G; g++) {
       const float p = scores[g * S + s];
-      if (p == 0) continue;
-      float* og = out + g * D;
-      int64_t d = 0;
-      for (; d + 16 <= D; d += 16) {
-        Vec16 o, v;
-        std::memcpy(&o, og + d, sizeof(o));
-        std::memcpy(&v, vs + d, sizeof(v));
-        o += v * p;
-        std::memcpy(og + d, &o, sizeof(o));
-      }
-      for (; d < D; d++) og[d] += p * vs[d];
+      if (p != 0) Axpy(p, vs, out + g * D, D);
     }
   }
   for (int64_t g = 0; g < G; g++)
