@@ -164,7 +164,9 @@ def _sample(
         scaled_BxV = jnp.where(scaled_BxV >= threshold_B[:, None], scaled_BxV, -jnp.inf)
     if use_top_p:
         # The nucleus: most probable tokens while the mass before each is < top_p.
-        probs_BxV = jax.nn.softmax(scaled_BxV, axis=-1)
+        # Computed once: XLA:GPU would otherwise recompute the softmax inside the comparison
+        # below with another rounding, and a token tied with the threshold could drop out.
+        probs_BxV = lax.optimization_barrier(jax.nn.softmax(scaled_BxV, axis=-1))
         sorted_BxV = -jnp.sort(-probs_BxV, axis=-1)
         before_BxV = jnp.cumsum(sorted_BxV, axis=-1) - sorted_BxV
         kept_B = jnp.sum(before_BxV < top_p_B[:, None], axis=-1)
