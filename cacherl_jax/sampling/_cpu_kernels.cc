@@ -129,8 +129,8 @@ inline __attribute__((always_inline)) void Axpy(float a, const float* x, float* 
 // qwen3.attention_mask) and always the query's own slot, as kv_cache.extend's mask does.
 // q [G, D] (already scaled), keys [D, S], values [S, D], out [G, D]; scores: G (S + 1) floats.
 // Keys and values are read once for all G heads, keys row by row: one near-sequential pass,
-// which the cache comes from memory for (the weights streamed in between evict it) ~10% faster
-// than blocks of slots across all rows.
+// ~10% faster than blocks of slots across all rows when the cache comes from memory (the
+// weights streamed between two layers' attention evict it).
 inline __attribute__((always_inline)) void AttendOne(const float* q, const float* keys,
                                                      const float* values, const bool* valid,
                                                      int64_t G, int64_t D, int64_t S,
