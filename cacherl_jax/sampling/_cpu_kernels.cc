@@ -111,71 +111,148 @@ inline __attribute__((always_inline)) Vec16 ExpNonPositive(Vec16 x) {
   return p * scale;
 }
 
-// y[0, n) += a * x[0, n), 16 lanes at a time.
-inline __attribute__((always_inline)) void Axpy(float a, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    Vec16 xv, yv;
-    std::memcpy(&xv, x + i, sizeof(xv));
-    std::memcpy(&yv, y + i, sizeof(yv));
-    yv += xv * a;
-    std::memcpy(y + i, &yv, sizeof(yv));
+// Scores of GC query heads for the slots [s0, s0 + 16 W): W x GC accumulators in registers, the
+// key rows read in order (each a contiguous run of W vectors).
+template <int GC, int W>
+inline __attribute__((always_inline)) void ScoreBlock(const float* q, const float* keys, int64_t D,
+                                                      int64_t S, int64_t s0, float* scores) {
+  Vec16 acc[GC][W] = {};
+  for (int64_t d = 0; d < D; d++) {
+    Vec16 k[W];
+#pragma GCC unroll 8
+    for (int w = 0; w < W; w++) std::memcpy(&k[w], keys + d * S + s0 + 16 * w, sizeof(Vec16));
+#pragma GCC unroll 4
+    for (int g = 0; g < GC; g++) {
+      const float qd = q[g * D + d];
+#pragma GCC unroll 8
+      for (int w = 0; w < W; w++) acc[g][w] += k[w] * qd;
+    }
   }
-  for (; i < n; i++) y[i] += a * x[i];
+  for (int g = 0; g < GC; g++)
+    for (int w = 0; w < W; w++) std::memcpy(scores + g * S + s0 + 16 * w, &acc[g][w], sizeof(Vec16));
 }
 
-// One (row, kv head) of a decode step's attention: G query heads over slots [0, q_slot]. A slot
-// is attended where its validity equals the query slot's (the `same segment` rule of
-// qwen3.attention_mask) and always the query's own slot, as kv_cache.extend's mask does.
-// q [G, D] (already scaled), keys [D, S], values [S, D], out [G, D]; scores: G (S + 1) floats.
-// Keys and values are read once for all G heads, keys row by row: one near-sequential pass,
-// ~10% faster than blocks of slots across all rows when the cache comes from memory (the
-// weights streamed between two layers' attention evict it).
-inline __attribute__((always_inline)) void AttendOne(const float* q, const float* keys,
-                                                     const float* values, const bool* valid,
-                                                     int64_t G, int64_t D, int64_t S,
-                                                     int64_t q_slot, float* out, float* scores) {
-  const int64_t n = q_slot + 1, n16 = n / 16 * 16;
-  const bool own = valid[q_slot];
-  std::fill(scores, scores + G * S, 0.0f);
-  for (int64_t d = 0; d < D; d++) {
-    const float* row = keys + d * S;
-    for (int64_t g = 0; g < G; g++) Axpy(q[g * D + d], row, scores + g * S, n);
+// out[g, d0 + 16 c] for c < C, summed over the slots [0, n) with weights p [GC, S]: C x GC
+// accumulators in registers.
+template <int GC, int C>
+inline __attribute__((always_inline)) void ValueBlock(const float* p, const float* values,
+                                                      int64_t D, int64_t S, int64_t n, int64_t d0,
+                                                      float* out) {
+  Vec16 acc[GC][C] = {};
+  for (int64_t s = 0; s < n; s++) {
+    Vec16 v[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; c++) std::memcpy(&v[c], values + s * D + d0 + 16 * c, sizeof(Vec16));
+#pragma GCC unroll 4
+    for (int g = 0; g < GC; g++) {
+      const float pg = p[g * S + s];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; c++) acc[g][c] += v[c] * pg;
+    }
   }
-  float* sums = scores + G * S;
-  for (int64_t g = 0; g < G; g++) {
+  for (int g = 0; g < GC; g++)
+    for (int c = 0; c < C; c++) std::memcpy(out + g * D + d0 + 16 * c, &acc[g][c], sizeof(Vec16));
+}
+
+// GC (1-4) query heads of one (row, kv head) over slots [0, n): q [GC, D] (already scaled), keys
+// [D, S], values [S, D], bias [S] (0 or -inf: the mask), out [GC, D]; scores: GC S floats.
+// VREGS: how many Vec16 values the instruction set keeps in registers; a block of W slot vectors
+// holds W keys and GC W accumulators.
+template <int GC, int VREGS>
+inline __attribute__((always_inline)) void AttendHeads(const float* q, const float* keys,
+                                                       const float* values, const float* bias,
+                                                       int64_t D, int64_t S, int64_t n, float* out,
+                                                       float* scores) {
+  constexpr int W = VREGS / (GC + 1) > 0 ? VREGS / (GC + 1) : 1;
+  const int64_t n16 = n / 16 * 16;
+  int64_t s = 0;
+  for (; s + 16 * W <= n16; s += 16 * W) ScoreBlock<GC, W>(q, keys, D, S, s, scores);
+  for (; s < n16; s += 16) ScoreBlock<GC, 1>(q, keys, D, S, s, scores);
+  for (; s < n; s++)
+    for (int g = 0; g < GC; g++) {
+      float acc = 0;
+      for (int64_t d = 0; d < D; d++) acc += q[g * D + d] * keys[d * S + s];
+      scores[g * S + s] = acc;
+    }
+  float sums[GC];
+  for (int g = 0; g < GC; g++) {
     float* sc = scores + g * S;
-    float max = sc[q_slot];
-    int64_t s = 0;
+    Vec16 max_v = Vec16{} - INFINITY;
+    float max = -INFINITY;
+    for (s = 0; s < n16; s += 16) {
+      Vec16 v, m;
+      std::memcpy(&v, sc + s, sizeof(v));
+      std::memcpy(&m, bias + s, sizeof(m));
+      v += m;
+      std::memcpy(sc + s, &v, sizeof(v));
+      max_v = v > max_v ? v : max_v;
+    }
     for (; s < n; s++) {
-      if (valid[s] != own && s != q_slot) sc[s] = -INFINITY;
+      sc[s] += bias[s];
       max = std::max(max, sc[s]);
     }
+    for (int j = 0; j < 16; j++) max = std::max(max, max_v[j]);
+    Vec16 sum_v = {};
     float sum = 0;
     for (s = 0; s < n16; s += 16) {
       Vec16 v;
       std::memcpy(&v, sc + s, sizeof(v));
       const Vec16 e = v == -INFINITY ? Vec16{} : ExpNonPositive(v - max);
       std::memcpy(sc + s, &e, sizeof(e));
-      for (int j = 0; j < 16; j++) sum += e[j];
+      sum_v += e;
     }
     for (; s < n; s++) {
       sc[s] = sc[s] == -INFINITY ? 0.0f : std::exp(sc[s] - max);
       sum += sc[s];
     }
+    for (int j = 0; j < 16; j++) sum += sum_v[j];
     sums[g] = sum;
   }
   // out = (p @ values) / sum, the sum divided last as kv_cache._attention does.
-  std::fill(out, out + G * D, 0.0f);
-  for (int64_t s = 0; s < n; s++) {
-    const float* vs = values + s * D;
-    for (int64_t g = 0; g < G; g++) {
-      const float p = scores[g * S + s];
-      if (p != 0) Axpy(p, vs, out + g * D, D);
+  // Widest blocks first, so that a head dim of 64 or 128 is one pass over the values.
+  int64_t d = 0;
+  for (; d + 16 * W <= D; d += 16 * W) ValueBlock<GC, W>(scores, values, D, S, n, d, out);
+  if (W > 4)
+    for (; d + 64 <= D; d += 64) ValueBlock<GC, (W > 4 ? 4 : 1)>(scores, values, D, S, n, d, out);
+  if (W > 2)
+    for (; d + 32 <= D; d += 32) ValueBlock<GC, (W > 2 ? 2 : 1)>(scores, values, D, S, n, d, out);
+  for (; d + 16 <= D; d += 16) ValueBlock<GC, 1>(scores, values, D, S, n, d, out);
+  for (; d < D; d++)
+    for (int g = 0; g < GC; g++) {
+      float acc = 0;
+      for (s = 0; s < n; s++) acc += scores[g * S + s] * values[s * D + d];
+      out[g * D + d] = acc;
+    }
+  for (int g = 0; g < GC; g++)
+    for (d = 0; d < D; d++) out[g * D + d] /= sums[g];
+}
+
+// One (row, kv head) of a decode step's attention: G query heads over slots [0, q_slot]. A slot
+// is attended where its validity equals the query slot's (the `same segment` rule of
+// qwen3.attention_mask) and always the query's own slot, as kv_cache.extend's mask does.
+// q [G, D] (already scaled), keys [D, S], values [S, D], out [G, D]; scratch: 4 S + S floats.
+// Heads are taken four at a time, each group reading the keys and values once with its scores
+// and outputs in registers (a loop over them in memory spent ~3x the time on stores and
+// reloads); keys row by row within a block of slots, which also suits a cache coming from memory.
+template <int VREGS>
+inline __attribute__((always_inline)) void AttendOne(const float* q, const float* keys,
+                                                     const float* values, const bool* valid,
+                                                     int64_t G, int64_t D, int64_t S,
+                                                     int64_t q_slot, float* out, float* scratch) {
+  const int64_t n = q_slot + 1;
+  float* bias = scratch + 4 * S;
+  const bool own = valid[q_slot];
+  for (int64_t s = 0; s < n; s++) bias[s] = valid[s] == own || s == q_slot ? 0.0f : -INFINITY;
+  for (int64_t g = 0; g < G; g += 4) {
+    const float* qg = q + g * D;
+    float* og = out + g * D;
+    switch (std::min<int64_t>(4, G - g)) {
+      case 1: AttendHeads<1, VREGS>(qg, keys, values, bias, D, S, n, og, scratch); break;
+      case 2: AttendHeads<2, VREGS>(qg, keys, values, bias, D, S, n, og, scratch); break;
+      case 3: AttendHeads<3, VREGS>(qg, keys, values, bias, D, S, n, og, scratch); break;
+      default: AttendHeads<4, VREGS>(qg, keys, values, bias, D, S, n, og, scratch); break;
     }
   }
-  for (int64_t g = 0; g < G; g++)
-    for (int64_t d = 0; d < D; d++) out[g * D + d] /= sums[g];
 }
 
 using AttendFn = void (*)(const float*, const float*, const float*, const bool*, int64_t,
@@ -184,12 +261,13 @@ using AttendFn = void (*)(const float*, const float*, const float*, const bool*,
 using PanelsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 
 // The same loops compiled for three instruction sets; the widest the CPU has is picked at load.
-// AVX-512 has 32 vector registers (16 accumulators fit), AVX2 16 (a Vec16 takes two).
-#define CACHERL_ATTEND_FOR(SUFFIX, TARGET)                                                   \
+// AVX-512 has 32 vector registers (16 matmul accumulators fit; 24 Vec16 values in attention),
+// AVX2 16 (a Vec16 takes two).
+#define CACHERL_ATTEND_FOR(SUFFIX, TARGET, VREGS)                                             \
   TARGET void Attend##SUFFIX(const float* q, const float* keys, const float* values,        \
                              const bool* valid, int64_t G, int64_t D, int64_t S,            \
-                             int64_t q_slot, float* out, float* scores) {                   \
-    AttendOne(q, keys, values, valid, G, D, S, q_slot, out, scores);                         \
+                             int64_t q_slot, float* out, float* scratch) {                  \
+    AttendOne<VREGS>(q, keys, values, valid, G, D, S, q_slot, out, scratch);                 \
   }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CACHERL_AVX512 __attribute__((target("avx512f,fma")))
@@ -202,14 +280,14 @@ CACHERL_AVX2 void PanelsAvx2(const float* w, const float* x, float* y, int64_t I
                              int64_t p0, int64_t p1) {
   Panels<4, 1>(w, x, y, I, N, p0, p1);
 }
-CACHERL_ATTEND_FOR(Avx512, CACHERL_AVX512)
-CACHERL_ATTEND_FOR(Avx2, CACHERL_AVX2)
+CACHERL_ATTEND_FOR(Avx512, CACHERL_AVX512, 24)
+CACHERL_ATTEND_FOR(Avx2, CACHERL_AVX2, 6)
 #endif
 void PanelsGeneric(const float* w, const float* x, float* y, int64_t I, int64_t N, int64_t p0,
                    int64_t p1) {
   Panels<4, 1>(w, x, y, I, N, p0, p1);
 }
-CACHERL_ATTEND_FOR(Generic, )
+CACHERL_ATTEND_FOR(Generic, , 2)
 
 struct Isa {
   PanelsFn panels;
@@ -354,12 +432,13 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv_Q
   float* out = out_HDxB->typed_data();
   ParallelFor(pool, B * K, Grain(pool, B * K, 1), [=](int64_t i0, int64_t i1) {
     // Per thread and kept between calls: no allocation in each decode step's layers.
-    // Scores [G, S] and their sums [G], then the queries and the outputs [G, D] each.
+    // AttendOne's scratch (scores of 4 heads and the mask, 5 S), then the queries and the
+    // outputs [G, D] each.
     thread_local std::vector<float> scratch;
-    const size_t size = G * (S + 1 + 2 * D);
+    const size_t size = 5 * S + 2 * G * D;
     if (scratch.size() < size) scratch.resize(size);
     float* scores = scratch.data();
-    float* q = scores + G * (S + 1);
+    float* q = scores + 5 * S;
     float* o = q + G * D;
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / K, k = i % K;
