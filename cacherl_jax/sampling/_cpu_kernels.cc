@@ -111,47 +111,29 @@ inline __attribute__((always_inline)) Vec16 ExpNonPositive(Vec16 x) {
   return p * scale;
 }
 
-// Scores of GC query heads for the slots [s0, s0 + 16 W): W x GC accumulators in registers, the
-// key rows read in order (each a contiguous run of W vectors).
+// out[g, 16 w + j] = sum over t < T of coef[g, t] rows[t, 16 w + j], for g < GC and w < W,
+// with the GC x W accumulators in registers and the rows read in order. Both halves of
+// attention: scores (t a head dim, rows the keys [D, S] from a slot block) and outputs (t a slot,
+// rows the values [S, D] from a head-dim block). Strides in floats.
 template <int GC, int W>
-inline __attribute__((always_inline)) void ScoreBlock(const float* q, const float* keys, int64_t D,
-                                                      int64_t S, int64_t s0, float* scores) {
+inline __attribute__((always_inline)) void BlockedSum(const float* coef, int64_t coef_stride,
+                                                      const float* rows, int64_t row_stride,
+                                                      int64_t T, float* out, int64_t out_stride) {
   Vec16 acc[GC][W] = {};
-  for (int64_t d = 0; d < D; d++) {
-    Vec16 k[W];
+  for (int64_t t = 0; t < T; t++) {
+    Vec16 r[W];
 #pragma GCC unroll 8
-    for (int w = 0; w < W; w++) std::memcpy(&k[w], keys + d * S + s0 + 16 * w, sizeof(Vec16));
+    for (int w = 0; w < W; w++) std::memcpy(&r[w], rows + t * row_stride + 16 * w, sizeof(Vec16));
 #pragma GCC unroll 4
     for (int g = 0; g < GC; g++) {
-      const float qd = q[g * D + d];
+      const float c = coef[g * coef_stride + t];
 #pragma GCC unroll 8
-      for (int w = 0; w < W; w++) acc[g][w] += k[w] * qd;
+      for (int w = 0; w < W; w++) acc[g][w] += r[w] * c;
     }
   }
   for (int g = 0; g < GC; g++)
-    for (int w = 0; w < W; w++) std::memcpy(scores + g * S + s0 + 16 * w, &acc[g][w], sizeof(Vec16));
-}
-
-// out[g, d0 + 16 c] for c < C, summed over the slots [0, n) with weights p [GC, S]: C x GC
-// accumulators in registers.
-template <int GC, int C>
-inline __attribute__((always_inline)) void ValueBlock(const float* p, const float* values,
-                                                      int64_t D, int64_t S, int64_t n, int64_t d0,
-                                                      float* out) {
-  Vec16 acc[GC][C] = {};
-  for (int64_t s = 0; s < n; s++) {
-    Vec16 v[C];
-#pragma GCC unroll 8
-    for (int c = 0; c < C; c++) std::memcpy(&v[c], values + s * D + d0 + 16 * c, sizeof(Vec16));
-#pragma GCC unroll 4
-    for (int g = 0; g < GC; g++) {
-      const float pg = p[g * S + s];
-#pragma GCC unroll 8
-      for (int c = 0; c < C; c++) acc[g][c] += v[c] * pg;
-    }
-  }
-  for (int g = 0; g < GC; g++)
-    for (int c = 0; c < C; c++) std::memcpy(out + g * D + d0 + 16 * c, &acc[g][c], sizeof(Vec16));
+    for (int w = 0; w < W; w++)
+      std::memcpy(out + g * out_stride + 16 * w, &acc[g][w], sizeof(Vec16));
 }
 
 // GC (1-4) query heads of one (row, kv head) over slots [0, n): q [GC, D] (already scaled), keys
@@ -166,8 +148,8 @@ inline __attribute__((always_inline)) void AttendHeads(const float* q, const flo
   constexpr int W = VREGS / (GC + 1) > 0 ? VREGS / (GC + 1) : 1;
   const int64_t n16 = n / 16 * 16;
   int64_t s = 0;
-  for (; s + 16 * W <= n16; s += 16 * W) ScoreBlock<GC, W>(q, keys, D, S, s, scores);
-  for (; s < n16; s += 16) ScoreBlock<GC, 1>(q, keys, D, S, s, scores);
+  for (; s + 16 * W <= n16; s += 16 * W) BlockedSum<GC, W>(q, D, keys + s, S, D, scores + s, S);
+  for (; s < n16; s += 16) BlockedSum<GC, 1>(q, D, keys + s, S, D, scores + s, S);
   for (; s < n; s++)
     for (int g = 0; g < GC; g++) {
       float acc = 0;
@@ -210,13 +192,14 @@ inline __attribute__((always_inline)) void AttendHeads(const float* q, const flo
   }
   // out = (p @ values) / sum, the sum divided last as kv_cache._attention does.
   // Widest blocks first, so that a head dim of 64 or 128 is one pass over the values.
+  constexpr int W4 = W > 4 ? 4 : 1, W2 = W > 2 ? 2 : 1;
   int64_t d = 0;
-  for (; d + 16 * W <= D; d += 16 * W) ValueBlock<GC, W>(scores, values, D, S, n, d, out);
-  if (W > 4)
-    for (; d + 64 <= D; d += 64) ValueBlock<GC, (W > 4 ? 4 : 1)>(scores, values, D, S, n, d, out);
-  if (W > 2)
-    for (; d + 32 <= D; d += 32) ValueBlock<GC, (W > 2 ? 2 : 1)>(scores, values, D, S, n, d, out);
-  for (; d + 16 <= D; d += 16) ValueBlock<GC, 1>(scores, values, D, S, n, d, out);
+  for (; d + 16 * W <= D; d += 16 * W) BlockedSum<GC, W>(scores, S, values + d, D, n, out + d, D);
+  for (; W4 > 1 && d + 64 <= D; d += 64)
+    BlockedSum<GC, W4>(scores, S, values + d, D, n, out + d, D);
+  for (; W2 > 1 && d + 32 <= D; d += 32)
+    BlockedSum<GC, W2>(scores, S, values + d, D, n, out + d, D);
+  for (; d + 16 <= D; d += 16) BlockedSum<GC, 1>(scores, S, values + d, D, n, out + d, D);
   for (; d < D; d++)
     for (int g = 0; g < GC; g++) {
       float acc = 0;
