@@ -125,11 +125,18 @@ def _block(*args, H, eps=1e-6):
     return jax.jit(functools.partial(cpu_kernels.decode_attention, num_heads=H, eps=eps))(*args)
 
 
-# Head dims on and off the 16-wide vector, groups of 1-4 query heads, slot counts around the
-# 16- and 64-slot blocks, the first slot and the last.
+# Head dims on and off the 16-wide vector, groups of 1-4 query heads (and 5: a group of four then
+# one), slot counts around the kernel's blocks of slots, the first slot and the last.
 @pytest.mark.parametrize(
     "G,D,S,q_slot",
-    [(2, 64, 192, 100), (1, 16, 37, 36), (4, 128, 80, 79), (2, 24, 70, 0), (3, 8, 200, 130)],
+    [
+        (2, 64, 192, 100),
+        (1, 16, 37, 36),
+        (4, 128, 80, 79),
+        (2, 24, 70, 0),
+        (3, 8, 200, 130),
+        (5, 48, 60, 47),
+    ],
 )
 def test_decode_attention_equals_float64(G, D, S, q_slot):
     rng = np.random.default_rng(G * 1000 + D + S)
