@@ -355,12 +355,13 @@ inline void NormAndRope(const float* x, int64_t B, const float* weight, const fl
   float sum_sq = 0;
   for (int64_t d = 0; d < D; d++) sum_sq += x[d * B] * x[d * B];
   const float r = 1.0f / std::sqrt(sum_sq / static_cast<float>(D) + eps);
+  // Rotate-half pairs dimension d with d + D/2: (a, b) -> (a cos - b sin, b cos + a sin).
   const int64_t half = D / 2;
-  for (int64_t d = 0; d < D; d++) {
-    const float y = weight[d] * (x[d * B] * r);
-    const int64_t o = d < half ? d + half : d - half;
-    const float rotated = (d < half ? -1.0f : 1.0f) * (weight[o] * (x[o * B] * r));
-    out[d] = (y * cos[d * B] + rotated * sin[d * B]) * scale;
+  for (int64_t d = 0; d < half; d++) {
+    const int64_t e = d + half;
+    const float a = weight[d] * (x[d * B] * r), b = weight[e] * (x[e * B] * r);
+    out[d] = (a * cos[d * B] - b * sin[d * B]) * scale;
+    out[e] = (b * cos[e * B] + a * sin[e * B]) * scale;
   }
 }
 

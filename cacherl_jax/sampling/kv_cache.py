@@ -208,12 +208,11 @@ def _attention_block(
     mask_BxTxS: jax.Array,
     start: jax.Array,
     config: Qwen3Config,
-    B: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """XLA's attention block after the fused q/k/v projection: per-head norms and RoPE, the new
     keys and values written at slot `start`, attention. Returns (keys, values, out [H D, N])."""
     H, K, D, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
-    N = qkv_QxN.shape[1]
+    B, N = k_cache.shape[0], qkv_QxN.shape[1]
     T = N // B
     q_HxDxN = _norm_and_rope_heads(
         qkv_QxN[: H * D].reshape(H, D, N), layer["q_norm"], cos_DxN, sin_DxN, eps
@@ -295,7 +294,7 @@ def extend(
             )
         else:
             k_cache, v_cache, out_HDxN = _attention_block(
-                qkv_QxN, layer, k_cache, v_cache, cos_DxN, sin_DxN, mask_BxTxS, start, config, B
+                qkv_QxN, layer, k_cache, v_cache, cos_DxN, sin_DxN, mask_BxTxS, start, config
             )
         k_layers.append(k_cache)
         v_layers.append(v_cache)
