@@ -5,8 +5,8 @@ on and the code it speeds up runs in Python / XLA instead.
 `cacherl_jax.agent._fuzzy_kernels` holds the tool cache's fuzzy-search inner loops, written
 against Python's C API alone (`tool_cache.COMPILED` says whether it was built).
 
-`cacherl_jax.sampling._cpu_kernels` is an XLA FFI custom call: the CPU matmul that decoding runs
-(`cpu_matmul.AVAILABLE` says whether it was built). It compiles against the FFI headers that
+`cacherl_jax.sampling._cpu_kernels` holds XLA FFI custom calls: the CPU matmuls, attention and
+whole decoder layers that decoding runs (`cpu_kernels.AVAILABLE` says whether they were built). It compiles against the FFI headers that
 jaxlib ships, which is why jaxlib is a build requirement in pyproject.toml.
 """
 
@@ -36,7 +36,7 @@ extensions = [
 jaxlib_include = _jaxlib_include()
 if jaxlib_include is None:
     warnings.warn(
-        "jaxlib's FFI headers not found: the CPU decode matmul is not built", stacklevel=1
+        "jaxlib's FFI headers not found: the CPU decode kernels are not built", stacklevel=1
     )
 else:
     extensions.append(

@@ -1,6 +1,6 @@
 """The CPU decode kernels (`cacherl_jax/sampling/_cpu_kernels.cc`) against float64 numpy: the
-packed matmul at decode and prefill shapes, the decode attention with its mask rule, every
-instruction-set variant, and whole generations with and without them."""
+packed matmul at decode and prefill shapes, the decode attention with its mask rule, the whole
+decode layer, every instruction-set variant, and whole generations with and without them."""
 
 import functools
 import os
@@ -176,6 +176,84 @@ def test_decode_attention_refuses_heads_that_do_not_divide():
         jax.block_until_ready(_block(*args, H=3))
 
 
+def _rms_norm_columns_float64(x_ExB, weight_E, eps):
+    x = x_ExB.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=0, keepdims=True) + eps) * weight_E[:, None]
+
+
+def _layer_float64(x, layer, cos, sin, keys, values, valid, q_slot, H, eps):
+    """A decoder layer at one token per row written out in float64 (the weights unpacked):
+    (x [E, B], keys, values)."""
+    w = {name: np.asarray(cpu_kernels.unpack(layer[name]), np.float64) for name in _PACKED}
+    qkv = w["w_qkv"] @ _rms_norm_columns_float64(x, layer["attn_norm"], eps)
+    attended, keys, values = _block_float64(
+        qkv, layer["q_norm"], layer["k_norm"], cos, sin, keys, values, valid, q_slot, H, eps
+    )
+    x = x + w["wo"] @ attended
+    gate, up = np.split(w["w_gate_up"] @ _rms_norm_columns_float64(x, layer["mlp_norm"], eps), 2)
+    return x + w["w_down"] @ (gate / (1 + np.exp(-gate)) * up), keys, values
+
+
+_PACKED = ("w_qkv", "wo", "w_gate_up", "w_down")
+
+
+def _random_layer(rng, E, H, K, D, F):
+    """A sampling-layout layer, packed, with gate values spread over tens (silu's sigmoid on
+    both sides of 0 and in its flat tails)."""
+
+    def weight(out, inputs, scale):
+        return jnp.asarray(rng.standard_normal((out, inputs), np.float32) * scale / np.sqrt(inputs))
+
+    gate_up = weight(2 * F, E, 1.0).at[:F].multiply(12)
+    layer = {
+        "attn_norm": 1 + rng.standard_normal(E, np.float32) / 4,
+        "mlp_norm": 1 + rng.standard_normal(E, np.float32) / 4,
+        "q_norm": 1 + rng.standard_normal(D, np.float32) / 4,
+        "k_norm": 1 + rng.standard_normal(D, np.float32) / 4,
+        "w_qkv": weight((H + 2 * K) * D, E, 1.0),
+        "wo": weight(E, H * D, 1.0),
+        "w_gate_up": gate_up,
+        "w_down": weight(E, F, 1.0),
+    }
+    return {name: cpu_kernels.pack(w) if name in _PACKED else w for name, w in layer.items()}
+
+
+# Two to four query heads per kv head, an MLP of 3 and of 5 panels per half, the first slot, a
+# middle one and the last.
+@pytest.mark.parametrize("E,H,K,D,F,S,q_slot", [
+    (64, 4, 2, 16, 48, 40, 17),
+    (96, 4, 1, 32, 80, 70, 0),
+    (64, 6, 2, 16, 96, 33, 32),
+])  # fmt: skip
+def test_decode_layer_equals_float64(E, H, K, D, F, S, q_slot):
+    rng = np.random.default_rng(E + H + F + S)
+    B = 3
+    layer = _random_layer(rng, E, H, K, D, F)
+    assert cpu_kernels.layer_fusable(layer)
+    block = _random_block(rng, B, H, K, D, S, q_slot)
+    cos, sin, keys, values, valid = block[3:8]
+    x = rng.standard_normal((E, B), np.float32)
+    run = jax.jit(functools.partial(cpu_kernels.decode_layer, num_heads=H, eps=1e-6))
+    got = [np.asarray(a) for a in run(x, layer, cos, sin, keys, values, valid, q_slot)]
+    expected = _layer_float64(x, layer, cos, sin, keys, values, valid, q_slot, H, 1e-6)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    assert set(np.argwhere(got[1] != keys)[:, 3]) == {q_slot}
+
+
+def test_decode_layer_refuses_an_unpacked_weight():
+    rng = np.random.default_rng(0)
+    layer = _random_layer(rng, 64, 2, 1, 16, 48)
+    block = _random_block(rng, 3, 2, 1, 16, 20, 5)
+    layer["wo"] = cpu_kernels.unpack(layer["wo"])[:, :, None]  # [E, H D, 1]
+    with pytest.raises(Exception, match="packed weights"):
+        jax.block_until_ready(
+            jax.jit(functools.partial(cpu_kernels.decode_layer, num_heads=2, eps=1e-6))(
+                rng.standard_normal((64, 3), np.float32), layer, *block[3:8], 5
+            )
+        )
+
+
 _VARIANT_CHECK = """
 import numpy as np, jax, jax.numpy as jnp
 from cacherl_jax.sampling import cpu_kernels
@@ -189,7 +267,19 @@ k = rng.standard_normal((2, 2, 24, 70), np.float32); v = rng.standard_normal((2,
 valid = rng.random((2, 70)) < 0.7
 block = jax.jit(lambda *a: cpu_kernels.decode_attention(*a, num_heads=4, eps=1e-6))
 out = block(qkv, norm, norm, np.cos(angles), np.sin(angles), k, v, valid, 69)
-np.save(__import__("sys").argv[1], np.concatenate([np.asarray(x).ravel() for x in out]))
+def packed(o, i, scale=1.0):
+    return cpu_kernels.pack(jnp.asarray(rng.standard_normal((o, i), np.float32) * scale / i**0.5))
+layer = dict(attn_norm=norm[:16].repeat(2), mlp_norm=norm[:16].repeat(2), q_norm=norm,
+             k_norm=norm, w_qkv=packed(8 * 24, 32), wo=packed(32, 4 * 24),
+             w_gate_up=packed(96, 32, 8), w_down=packed(32, 48))
+x = rng.standard_normal((32, 2), np.float32)
+run = jax.jit(lambda *a: cpu_kernels.decode_layer(*a, num_heads=4, eps=1e-6))
+layer_out = run(x, layer, np.cos(angles), np.sin(angles), k, v, valid, 69)
+np.savez(
+    __import__("sys").argv[1],
+    attention=np.concatenate([np.asarray(x).ravel() for x in out]),
+    layer=np.concatenate([np.asarray(x).ravel() for x in layer_out]),
+)
 print(cpu_kernels.info())
 """
 
@@ -199,7 +289,7 @@ def test_every_instruction_set_variant_gives_the_same_results(tmp_path):
     one it picks (each in a fresh process: the variant is chosen when the extension loads)."""
     results = {}
     for cap in ["", "avx2", "generic"]:
-        path = tmp_path / f"attention-{cap or 'best'}.npy"
+        path = tmp_path / f"results-{cap or 'best'}.npz"
         env = dict(os.environ, CACHERL_CPU_ISA=cap, JAX_PLATFORMS="cpu")
         done = subprocess.run(
             [sys.executable, "-c", _VARIANT_CHECK, str(path)],
@@ -210,9 +300,17 @@ def test_every_instruction_set_variant_gives_the_same_results(tmp_path):
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert (cap or "") in done.stdout
-        results[cap] = np.load(path)
+        results[cap] = dict(np.load(path))
     for cap in ["avx2", "generic"]:
-        np.testing.assert_allclose(results[cap], results[""], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            results[cap]["attention"], results[""]["attention"], rtol=1e-5, atol=1e-6
+        )
+        # A layer's sums cancel (outputs near 0 from terms near 4), and only the vector builds
+        # fuse multiply-adds: an error of float32 rounding relative to the largest output.
+        layer = results[""]["layer"]
+        np.testing.assert_allclose(
+            results[cap]["layer"], layer, rtol=0, atol=2e-5 * np.abs(layer).max()
+        )
 
 
 # --- whole generations ----------------------------------------------------------------------------
@@ -225,15 +323,22 @@ SMALL = Qwen3Config(
 )  # fmt: skip
 
 
-def test_generation_with_and_without_the_kernels_agree():
+# Two query heads: 64 rows of q/k/v, every matmul packed, so decode steps run `decode_layer`.
+FUSED = SMALL.replace(num_heads=2)
+
+
+@pytest.mark.parametrize("config", [SMALL, FUSED], ids=["per-op", "whole-layer"])
+def test_generation_with_and_without_the_kernels_agree(config):
     """Same tokens greedily, and log-probs within float32 noise at temperature 1, over a
-    continuation too, with a step that mixes the kernel and XLA's dot."""
-    params = init_params(SMALL, jax.random.key(3))
-    with_kernels = Sampler(params, SMALL, cpu_kernels=True)
-    without = Sampler(params, SMALL, cpu_kernels=False)
+    continuation too: with a step that mixes the kernels and XLA's dot, and with whole layers in
+    one call."""
+    params = init_params(config, jax.random.key(3))
+    with_kernels = Sampler(params, config, cpu_kernels=True)
+    without = Sampler(params, config, cpu_kernels=False)
     layer, plain = with_kernels.weights["layers"][0], without.weights["layers"][0]
     assert layer["w_gate_up"].ndim == 3 and layer["w_down"].ndim == 3
-    assert layer["w_qkv"].ndim == 2  # 80 rows
+    assert layer["w_qkv"].ndim == (2 if config is SMALL else 3)  # 80 rows in SMALL
+    assert cpu_kernels.layer_fusable(layer) == (config is FUSED)
     assert plain["w_gate_up"].ndim == 2 and with_kernels.weights["unembed_VxE"].ndim == 3
     prompts = [[5, 6, 7], list(range(1, 20)), [9]]
     for sampling in [

@@ -12,6 +12,10 @@
 // projection (heads' RMSNorm and RoPE, the cache write, attention), reading only the cache slots
 // written so far (XLA's static shapes make its attention read the whole cache every step).
 //
+// Decode layer: a whole decoder layer for one new token per row (norms, the four matmuls on
+// packed weights, the attention block, silu(gate) x up, the residual adds) in one call, its
+// parallel loops run as phases on one set of threads.
+//
 // See cpu_kernels.py and README.md (Sampling and serving) for the measurements. Built by setup.py
 // against jaxlib's FFI headers; registered by cpu_kernels.py.
 
@@ -23,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -109,6 +114,28 @@ inline __attribute__((always_inline)) Vec16 ExpNonPositive(Vec16 x) {
   Vec16 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// out = silu(gate) up = gate sigmoid(gate) up over n values, the exponential vectorised (a
+// scalar exp per value cost more than the MLP's matmuls at batch 32). sigmoid(g) from
+// e = exp(-|g|), which never overflows: 1 / (1 + e) for g >= 0, e / (1 + e) below.
+inline __attribute__((always_inline)) void SwiGluLoop(const float* gate, const float* up,
+                                                      float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Vec16 g, u;
+    std::memcpy(&g, gate + i, sizeof(g));
+    std::memcpy(&u, up + i, sizeof(u));
+    const Vec16 negative_abs = g < 0 ? g : -g;
+    const Vec16 e = ExpNonPositive(negative_abs);
+    const Vec16 sigmoid = (g < 0 ? e : Vec16{} + 1.0f) / (1.0f + e);
+    const Vec16 y = g * sigmoid * u;
+    std::memcpy(out + i, &y, sizeof(y));
+  }
+  for (; i < n; i++) {
+    const float e = std::exp(-std::fabs(gate[i]));
+    out[i] = gate[i] * ((gate[i] < 0 ? e : 1.0f) / (1.0f + e)) * up[i];
+  }
 }
 
 // out[g, 16 w + j] = sum over t < T of coef[g, t] rows[t, 16 w + j], for g < GC and w < W,
@@ -243,6 +270,8 @@ using AttendFn = void (*)(const float*, const float*, const float*, const bool*,
 
 using PanelsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 
+using SwiGluFn = void (*)(const float*, const float*, float*, int64_t);
+
 // The same loops compiled for three instruction sets; the widest the CPU has is picked at load.
 // AVX-512 has 32 vector registers (16 matmul accumulators fit; 24 Vec16 values in attention),
 // AVX2 16 (a Vec16 takes two).
@@ -265,16 +294,26 @@ CACHERL_AVX2 void PanelsAvx2(const float* w, const float* x, float* y, int64_t I
 }
 CACHERL_ATTEND_FOR(Avx512, CACHERL_AVX512, 24)
 CACHERL_ATTEND_FOR(Avx2, CACHERL_AVX2, 6)
+CACHERL_AVX512 void SwiGluAvx512(const float* gate, const float* up, float* out, int64_t n) {
+  SwiGluLoop(gate, up, out, n);
+}
+CACHERL_AVX2 void SwiGluAvx2(const float* gate, const float* up, float* out, int64_t n) {
+  SwiGluLoop(gate, up, out, n);
+}
 #endif
 void PanelsGeneric(const float* w, const float* x, float* y, int64_t I, int64_t N, int64_t p0,
                    int64_t p1) {
   Panels<4, 1>(w, x, y, I, N, p0, p1);
 }
 CACHERL_ATTEND_FOR(Generic, , 2)
+void SwiGluGeneric(const float* gate, const float* up, float* out, int64_t n) {
+  SwiGluLoop(gate, up, out, n);
+}
 
 struct Isa {
   PanelsFn panels;
   AttendFn attend;
+  SwiGluFn swiglu;
   const char* name;
 };
 
@@ -286,10 +325,10 @@ Isa PickIsa() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (__builtin_cpu_supports("avx512f") && avx2 && cap.empty())
-    return {PanelsAvx512, AttendAvx512, "avx512"};
-  if (avx2 && cap != "generic") return {PanelsAvx2, AttendAvx2, "avx2"};
+    return {PanelsAvx512, AttendAvx512, SwiGluAvx512, "avx512"};
+  if (avx2 && cap != "generic") return {PanelsAvx2, AttendAvx2, SwiGluAvx2, "avx2"};
 #endif
-  return {PanelsGeneric, AttendGeneric, "generic"};
+  return {PanelsGeneric, AttendGeneric, SwiGluGeneric, "generic"};
 }
 
 const Isa kIsa = PickIsa();
@@ -365,56 +404,25 @@ inline void NormAndRope(const float* x, int64_t B, const float* weight, const fl
   }
 }
 
-// A decode step's attention block after the fused q/k/v projection: per-head RMSNorm and RoPE
-// of the new queries and key, the new key and value written into the caches (aliased in and
-// out), and attention over the cache. qkv [(H + 2K) D, B] and the output [H D, B] are
-// feature-major like kv_cache.extend's activations. Doing it in one call saves XLA a handful of
-// small fusions per layer, and the new key lands in the cache lines the attention reads next.
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv_QxB,
-                               ffi::Buffer<ffi::F32> q_norm_D, ffi::Buffer<ffi::F32> k_norm_D,
-                               ffi::Buffer<ffi::F32> cos_DxB, ffi::Buffer<ffi::F32> sin_DxB,
-                               ffi::Buffer<ffi::PRED> valid_BxS, ffi::Buffer<ffi::S32> q_slot,
-                               ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, int64_t H, float eps,
-                               float scale, ffi::ResultBuffer<ffi::F32> out_HDxB,
-                               ffi::ResultBuffer<ffi::F32> k_BxKxDxS,
-                               ffi::ResultBuffer<ffi::F32> v_BxKxSxD) {
-  // The caches are read and written through the results, which XLA aliases to the inputs.
-  const auto k_dims = k_BxKxDxS->dimensions();
-  const auto v_dims = v_BxKxSxD->dimensions();
-  const auto qkv_dims = qkv_QxB.dimensions();
-  const auto valid_dims = valid_BxS.dimensions();
-  const bool caches_ok = k_dims.size() == 4 && v_dims.size() == 4 && k_dims[0] == v_dims[0] &&
-                         k_dims[1] == v_dims[1] && k_dims[2] == v_dims[3] &&
-                         k_dims[3] == v_dims[2] && k_dims[1] > 0 && H % k_dims[1] == 0;
-  if (!caches_ok) {
-    return ffi::Error::InvalidArgument(
-        "cacherl decode attention: expected keys [B, K, D, S] and values [B, K, S, D], with the "
-        "query heads a multiple of K");
-  }
-  const int64_t B = k_dims[0], K = k_dims[1], D = k_dims[2], S = k_dims[3], G = H / K;
-  const auto is = [](auto dims, std::initializer_list<int64_t> want) {
-    return dims.size() == want.size() && std::equal(want.begin(), want.end(), dims.begin());
-  };
-  if (!is(qkv_dims, {(H + 2 * K) * D, B}) || !is(q_norm_D.dimensions(), {D}) ||
-      !is(k_norm_D.dimensions(), {D}) || !is(cos_DxB.dimensions(), {D, B}) ||
-      !is(sin_DxB.dimensions(), {D, B}) || !is(valid_dims, {B, S}) ||
-      q_slot.dimensions().size() != 0 || !is(out_HDxB->dimensions(), {H * D, B}) || D % 2 != 0) {
-    return ffi::Error::InvalidArgument(
-        "cacherl decode attention: expected qkv [(H + 2K) D, B], norms [D], cos/sin [D, B], "
-        "valid [B, S], a scalar query slot and out [H D, B], D even");
-  }
-  const int64_t slot = *q_slot.typed_data();
-  if (slot < 0 || slot >= S) return ffi::Error::InvalidArgument("query slot outside the cache");
-  const float* qkv = qkv_QxB.typed_data();
-  const float* q_norm = q_norm_D.typed_data();
-  const float* k_norm = k_norm_D.typed_data();
-  const float* cos = cos_DxB.typed_data();
-  const float* sin = sin_DxB.typed_data();
-  const bool* valid = valid_BxS.typed_data();
-  float* keys = k_BxKxDxS->typed_data();
-  float* values = v_BxKxSxD->typed_data();
-  float* out = out_HDxB->typed_data();
-  ParallelFor(pool, B * K, Grain(pool, B * K, 1), [=](int64_t i0, int64_t i1) {
+// The attention block of one decode step after the fused q/k/v projection, for items (row, kv
+// head) [i0, i1): per-head RMSNorm and RoPE of the new queries and key, the new key and value
+// written into slot `slot` of the caches, and attention over them. qkv [(H + 2K) D, B] and out
+// [H D, B] are feature-major like kv_cache.extend's activations.
+struct AttentionBlock {
+  const float* qkv;
+  const float* q_norm;
+  const float* k_norm;
+  const float* cos;
+  const float* sin;
+  const bool* valid;
+  float* keys;
+  float* values;
+  float* out;
+  int64_t B, H, K, D, S, slot;
+  float eps, scale;
+
+  void Items(int64_t i0, int64_t i1) const {
+    const int64_t G = H / K;
     // Per thread and kept between calls: no allocation in each decode step's layers.
     // AttendOne's scratch (scores of 4 heads and the mask, 5 S), then the queries and the
     // outputs [G, D] each.
@@ -440,7 +448,240 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv_Q
       for (int64_t g = 0; g < G; g++)
         for (int64_t d = 0; d < D; d++) out[((k * G + g) * D + d) * B + b] = o[g * D + d];
     }
+  }
+};
+
+template <typename Dims>
+bool Is(Dims dims, std::initializer_list<int64_t> want) {
+  return dims.size() == want.size() && std::equal(want.begin(), want.end(), dims.begin());
+}
+
+// Checks the attention block's shapes and fills `block`'s sizes and the query slot from them.
+ffi::Error CheckAttention(const char* call, ffi::Buffer<ffi::F32>& q_norm_D,
+                          ffi::Buffer<ffi::F32>& k_norm_D, ffi::Buffer<ffi::F32>& cos_DxB,
+                          ffi::Buffer<ffi::F32>& sin_DxB, ffi::Buffer<ffi::PRED>& valid_BxS,
+                          ffi::Buffer<ffi::S32>& q_slot, ffi::ResultBuffer<ffi::F32>& k_BxKxDxS,
+                          ffi::ResultBuffer<ffi::F32>& v_BxKxSxD, int64_t H,
+                          AttentionBlock& block) {
+  const auto k_dims = k_BxKxDxS->dimensions();
+  const auto v_dims = v_BxKxSxD->dimensions();
+  const bool caches_ok = k_dims.size() == 4 && v_dims.size() == 4 && k_dims[0] == v_dims[0] &&
+                         k_dims[1] == v_dims[1] && k_dims[2] == v_dims[3] &&
+                         k_dims[3] == v_dims[2] && k_dims[1] > 0 && H % k_dims[1] == 0;
+  if (!caches_ok) {
+    return ffi::Error::InvalidArgument(
+        std::string(call) +
+        ": expected keys [B, K, D, S] and values [B, K, S, D], with the query heads a multiple "
+        "of K");
+  }
+  const int64_t B = k_dims[0], K = k_dims[1], D = k_dims[2], S = k_dims[3];
+  if (!Is(q_norm_D.dimensions(), {D}) || !Is(k_norm_D.dimensions(), {D}) ||
+      !Is(cos_DxB.dimensions(), {D, B}) || !Is(sin_DxB.dimensions(), {D, B}) ||
+      !Is(valid_BxS.dimensions(), {B, S}) || q_slot.dimensions().size() != 0 || D % 2 != 0) {
+    return ffi::Error::InvalidArgument(
+        std::string(call) +
+        ": expected norms [D], cos/sin [D, B], valid [B, S] and a scalar query slot, D even");
+  }
+  const int64_t slot = *q_slot.typed_data();
+  if (slot < 0 || slot >= S) return ffi::Error::InvalidArgument("query slot outside the cache");
+  block.q_norm = q_norm_D.typed_data();
+  block.k_norm = k_norm_D.typed_data();
+  block.cos = cos_DxB.typed_data();
+  block.sin = sin_DxB.typed_data();
+  block.valid = valid_BxS.typed_data();
+  block.keys = k_BxKxDxS->typed_data();
+  block.values = v_BxKxSxD->typed_data();
+  block.B = B, block.H = H, block.K = K, block.D = D, block.S = S, block.slot = slot;
+  return ffi::Error::Success();
+}
+
+// A decode step's attention block in one call (AttentionBlock), the caches aliased in and out.
+// Doing it in one call saves XLA a handful of small fusions per layer, and the new key lands in
+// the cache lines the attention reads next.
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv_QxB,
+                               ffi::Buffer<ffi::F32> q_norm_D, ffi::Buffer<ffi::F32> k_norm_D,
+                               ffi::Buffer<ffi::F32> cos_DxB, ffi::Buffer<ffi::F32> sin_DxB,
+                               ffi::Buffer<ffi::PRED> valid_BxS, ffi::Buffer<ffi::S32> q_slot,
+                               ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, int64_t H, float eps,
+                               float scale, ffi::ResultBuffer<ffi::F32> out_HDxB,
+                               ffi::ResultBuffer<ffi::F32> k_BxKxDxS,
+                               ffi::ResultBuffer<ffi::F32> v_BxKxSxD) {
+  // The caches are read and written through the results, which XLA aliases to the inputs.
+  AttentionBlock block;
+  const char* call = "cacherl decode attention";
+  if (ffi::Error error = CheckAttention(call, q_norm_D, k_norm_D, cos_DxB, sin_DxB, valid_BxS,
+                                        q_slot, k_BxKxDxS, v_BxKxSxD, H, block);
+      error.failure()) {
+    return error;
+  }
+  const int64_t B = block.B, K = block.K, D = block.D;
+  if (!Is(qkv_QxB.dimensions(), {(H + 2 * K) * D, B}) ||
+      !Is(out_HDxB->dimensions(), {H * D, B})) {
+    return ffi::Error::InvalidArgument(std::string(call) +
+                                       ": expected qkv [(H + 2K) D, B] and out [H D, B]");
+  }
+  block.qkv = qkv_QxB.typed_data();
+  block.out = out_HDxB->typed_data();
+  block.eps = eps, block.scale = scale;
+  ParallelFor(pool, B * K, Grain(pool, B * K, 1),
+              [block](int64_t i0, int64_t i1) { block.Items(i0, i1); });
+  return ffi::Error::Success();
+}
+
+// Phases that run one after another, each a loop over chunks claimed from a shared counter by
+// the calling thread and by helpers on XLA's intra-op pool, which are woken once for all the
+// phases (a decode layer's five parallel loops as separate calls paid for five wake-ups and the
+// XLA ops between them). The calling thread runs any serial work before publishing the next
+// phase. It never waits for a helper to start, only for chunks a helper has claimed: a helper
+// that starts late finds the earlier phases' chunks taken and joins where the caller is.
+class Phases {
+ public:
+  using Body = std::function<void(int64_t begin, int64_t end)>;
+
+  void Add(int64_t n, int64_t grain, Body body) {
+    phases_.push_back(std::make_unique<Phase>(n, grain, std::move(body)));
+  }
+
+  // Wakes the helpers; then Run(0), Run(1), ... in order on the calling thread.
+  static void Start(ffi::ThreadPool& pool, const std::shared_ptr<Phases>& self) {
+    int64_t most = 1;
+    for (const auto& phase : self->phases_) most = std::max(most, phase->chunks);
+    const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), most);
+    for (int64_t t = 1; t < threads; t++) pool.Schedule([self] { self->Help(); });
+  }
+
+  void Run(size_t index) {
+    Phase& phase = *phases_[index];
+    published_.store(index + 1, std::memory_order_release);
+    phase.Work();
+    while (phase.done.load(std::memory_order_acquire) < phase.chunks) CACHERL_PAUSE();
+  }
+
+ private:
+  struct Phase {
+    Phase(int64_t n, int64_t grain, Body body)
+        : n(n), grain(grain), chunks((n + grain - 1) / grain), body(std::move(body)) {}
+    int64_t n, grain, chunks;
+    Body body;
+    std::atomic<int64_t> next{0}, done{0};
+    void Work() {
+      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+        body(c * grain, std::min(n, (c + 1) * grain));
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+
+  void Help() {
+    for (size_t index = 0; index < phases_.size(); index++) {
+      while (published_.load(std::memory_order_acquire) <= index) CACHERL_PAUSE();
+      phases_[index]->Work();
+    }
+  }
+
+  std::vector<std::unique_ptr<Phase>> phases_;
+  std::atomic<size_t> published_{0};
+};
+
+// RMSNorm of each column of feature-major x [E, B], as qwen3.rms_norm over axis 0.
+void RmsNormColumns(const float* x, const float* weight, int64_t E, int64_t B, float eps,
+                    float* out) {
+  thread_local std::vector<float> scale;
+  scale.assign(B, 0.0f);
+  for (int64_t e = 0; e < E; e++)
+    for (int64_t b = 0; b < B; b++) scale[b] += x[e * B + b] * x[e * B + b];
+  for (int64_t b = 0; b < B; b++)
+    scale[b] = 1.0f / std::sqrt(scale[b] / static_cast<float>(E) + eps);
+  for (int64_t e = 0; e < E; e++)
+    for (int64_t b = 0; b < B; b++) out[e * B + b] = weight[e] * (x[e * B + b] * scale[b]);
+}
+
+// A whole decoder layer for one new token per row, every matmul on a packed weight:
+//   h = norm(x); qkv = W_qkv h; a = attention block (AttentionBlock); x' = x + W_o a;
+//   h' = norm(x'); [g; u] = W_gate_up h'; x' += W_down (silu(g) u)
+// in five phases on one set of threads; the residual adds and silu(g) u run on the rows a thread
+// has just computed. Activations are feature-major [features, B].
+ffi::Error DecodeLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_ExB,
+                           ffi::Buffer<ffi::F32> attn_norm_E, ffi::Buffer<ffi::F32> w_qkv,
+                           ffi::Buffer<ffi::F32> q_norm_D, ffi::Buffer<ffi::F32> k_norm_D,
+                           ffi::Buffer<ffi::F32> w_o, ffi::Buffer<ffi::F32> mlp_norm_E,
+                           ffi::Buffer<ffi::F32> w_gate_up, ffi::Buffer<ffi::F32> w_down,
+                           ffi::Buffer<ffi::F32> cos_DxB, ffi::Buffer<ffi::F32> sin_DxB,
+                           ffi::Buffer<ffi::PRED> valid_BxS, ffi::Buffer<ffi::S32> q_slot,
+                           ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, int64_t H, float eps,
+                           float scale, ffi::ResultBuffer<ffi::F32> out_ExB,
+                           ffi::ResultBuffer<ffi::F32> k_BxKxDxS,
+                           ffi::ResultBuffer<ffi::F32> v_BxKxSxD) {
+  auto block = std::make_shared<AttentionBlock>();
+  const char* call = "cacherl decode layer";
+  if (ffi::Error error = CheckAttention(call, q_norm_D, k_norm_D, cos_DxB, sin_DxB, valid_BxS,
+                                        q_slot, k_BxKxDxS, v_BxKxSxD, H, *block);
+      error.failure()) {
+    return error;
+  }
+  const int64_t B = block->B, K = block->K, D = block->D, E = x_ExB.dimensions()[0];
+  const int64_t Q = (H + 2 * K) * D, F = w_down.dimensions().size() == 3
+                                              ? w_down.dimensions()[1]
+                                              : 0;
+  if (!Is(x_ExB.dimensions(), {E, B}) || !Is(out_ExB->dimensions(), {E, B}) ||
+      !Is(attn_norm_E.dimensions(), {E}) || !Is(mlp_norm_E.dimensions(), {E}) ||
+      !Is(w_qkv.dimensions(), {Q / kPanel, E, kPanel}) ||
+      !Is(w_o.dimensions(), {E / kPanel, H * D, kPanel}) ||
+      !Is(w_gate_up.dimensions(), {2 * F / kPanel, E, kPanel}) ||
+      !Is(w_down.dimensions(), {E / kPanel, F, kPanel}) || Q % kPanel != 0 || E % kPanel != 0 ||
+      F % kPanel != 0) {
+    return ffi::Error::InvalidArgument(
+        std::string(call) +
+        ": expected x and out [E, B], norms [E], and packed weights w_qkv [(H + 2K) D / 16, E, "
+        "16], w_o [E / 16, H D, 16], w_gate_up [2F / 16, E, 16], w_down [E / 16, F, 16]");
+  }
+  // Activations between the phases, on the calling thread and kept between calls.
+  thread_local std::vector<float> buffer;
+  buffer.resize((2 * E + Q + H * D + 3 * F) * B);
+  float* h = buffer.data();             // [E, B], the normalised input of a matmul
+  float* qkv = h + E * B;               // [Q, B]
+  float* attended = qkv + Q * B;        // [H D, B]
+  float* gate_up = attended + H * D * B;  // [2F, B]
+  float* act = gate_up + 2 * F * B;     // [F, B]
+  float* down = act + F * B;            // [E, B]
+  const float* x = x_ExB.typed_data();
+  float* out = out_ExB->typed_data();
+  const float* wq = w_qkv.typed_data();
+  const float* wo = w_o.typed_data();
+  const float* wgu = w_gate_up.typed_data();
+  const float* wd = w_down.typed_data();
+  block->qkv = qkv, block->out = attended, block->eps = eps, block->scale = scale;
+
+  auto phases = std::make_shared<Phases>();
+  phases->Add(Q / kPanel, Grain(pool, Q / kPanel, 2), [=](int64_t p0, int64_t p1) {
+    kIsa.panels(wq, h, qkv, E, B, p0, p1);
   });
+  phases->Add(B * K, Grain(pool, B * K, 1),
+              [block](int64_t i0, int64_t i1) { block->Items(i0, i1); });
+  phases->Add(E / kPanel, Grain(pool, E / kPanel, 2), [=](int64_t p0, int64_t p1) {
+    kIsa.panels(wo, attended, out, H * D, B, p0, p1);
+    for (int64_t i = p0 * kPanel * B; i < p1 * kPanel * B; i++) out[i] += x[i];
+  });
+  // Gate panels [p0, p1) and the up panels F / 16 further on: the rows silu(g) u needs.
+  phases->Add(F / kPanel, Grain(pool, F / kPanel, 2), [=](int64_t p0, int64_t p1) {
+    kIsa.panels(wgu, h, gate_up, E, B, p0, p1);
+    kIsa.panels(wgu, h, gate_up, E, B, p0 + F / kPanel, p1 + F / kPanel);
+    const int64_t i = p0 * kPanel * B;
+    kIsa.swiglu(gate_up + i, gate_up + F * B + i, act + i, (p1 - p0) * kPanel * B);
+  });
+  phases->Add(E / kPanel, Grain(pool, E / kPanel, 2), [=](int64_t p0, int64_t p1) {
+    kIsa.panels(wd, act, down, F, B, p0, p1);
+    for (int64_t i = p0 * kPanel * B; i < p1 * kPanel * B; i++) out[i] += down[i];
+  });
+
+  RmsNormColumns(x, attn_norm_E.typed_data(), E, B, eps, h);
+  Phases::Start(pool, phases);
+  phases->Run(0);  // qkv
+  phases->Run(1);  // attention
+  phases->Run(2);  // out = x + W_o a
+  RmsNormColumns(out, mlp_norm_E.typed_data(), E, B, eps, h);
+  phases->Run(3);  // silu(g) u
+  phases->Run(4);  // out += W_down (silu(g) u)
   return ffi::Error::Success();
 }
 
@@ -472,14 +713,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CacherlDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CacherlDecodeLayer, DecodeLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // attn_norm
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_qkv (packed)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q_norm
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_norm
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // wo (packed)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mlp_norm
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_gate_up (packed)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_down (packed)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_slot
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys (aliased to result 1)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // values (result 2)
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 // --- the Python module: hands the handler to jax.ffi.register_ffi_target ------------------------
 
 static PyObject* Handlers(PyObject*, PyObject*) {
   return Py_BuildValue(
-      "{sNsN}", "packed_matmul",
+      "{sNsNsN}", "packed_matmul",
       PyCapsule_New(reinterpret_cast<void*>(&CacherlPackedMatmul), nullptr, nullptr),
       "decode_attention",
-      PyCapsule_New(reinterpret_cast<void*>(&CacherlDecodeAttention), nullptr, nullptr));
+      PyCapsule_New(reinterpret_cast<void*>(&CacherlDecodeAttention), nullptr, nullptr),
+      "decode_layer",
+      PyCapsule_New(reinterpret_cast<void*>(&CacherlDecodeLayer), nullptr, nullptr));
 }
 
 static PyObject* InstructionSet(PyObject*, PyObject*) { return PyUnicode_FromString(kIsa.name); }

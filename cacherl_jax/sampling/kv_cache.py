@@ -30,7 +30,8 @@ both layouts compiled in one process and timed alternately: batch 8 552 -> 631 t
 On one CPU device the sampler lays the weights out for the CPU kernels instead
 (`sampling_weights(packed=True)`, cpu_kernels.py): every matmul runs as a custom call on a packed
 weight, and the rest of a decode step's attention block (the heads' norms and RoPE, the cache
-write, the attention) as one call that reads only the slots written so far.
+write, the attention) as one call that reads only the slots written so far; where all four
+matmuls of a layer are packed, a decode step runs each layer as one call (`decode_layer`).
 """
 
 from __future__ import annotations
@@ -276,6 +277,14 @@ def extend(
     x_ExN = jnp.take(weights["embed"], tokens_BxT.reshape(N), axis=0).astype(dtype).T
     k_layers, v_layers = [], []
     for layer, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
+        if T == 1 and kernels and cpu_kernels.layer_fusable(layer):  # the layer in one call
+            x_ExN, k_cache, v_cache = cpu_kernels.decode_layer(
+                x_ExN, layer, cos_DxN, sin_DxN, k_cache, v_cache, valid_BxS, start,
+                num_heads=H, eps=eps,
+            )  # fmt: skip
+            k_layers.append(k_cache)
+            v_layers.append(v_cache)
+            continue
         h_ExN = qwen3.rms_norm(x_ExN, layer["attn_norm"], eps, axis=0)
         qkv_QxN = _linear(layer["w_qkv"], h_ExN)
         if T == 1 and kernels:  # a decode step: the rest of the block is one custom call
