@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -533,7 +534,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv_Q
 // phases (a decode layer's five parallel loops as separate calls paid for five wake-ups and the
 // XLA ops between them). The calling thread runs any serial work before publishing the next
 // phase. It never waits for a helper to start, only for chunks a helper has claimed: a helper
-// that starts late finds the earlier phases' chunks taken and joins where the caller is.
+// that starts late finds the earlier phases' chunks taken and joins where the caller is, and a
+// helper never waits long for the caller (AwaitPublished).
 class Phases {
  public:
   using Body = std::function<void(int64_t begin, int64_t end)>;
@@ -574,9 +576,22 @@ class Phases {
 
   void Help() {
     for (size_t index = 0; index < phases_.size(); index++) {
-      while (published_.load(std::memory_order_acquire) <= index) CACHERL_PAUSE();
+      if (!AwaitPublished(index)) return;
       phases_[index]->Work();
     }
+  }
+
+  // Whether the caller published phase `index` within ~100 us. Between phases it runs only short
+  // serial steps (a few us), so a longer wait means it is not coming soon: the pool ran this
+  // helper inline inside Schedule (it does when its queue is full), before the caller published
+  // anything, or the caller was preempted. The caller then finishes the phases alone.
+  bool AwaitPublished(size_t index) const {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+    for (int spins = 1; published_.load(std::memory_order_acquire) <= index; spins++) {
+      CACHERL_PAUSE();
+      if (spins % 64 == 0 && std::chrono::steady_clock::now() > deadline) return false;
+    }
+    return true;
   }
 
   std::vector<std::unique_ptr<Phase>> phases_;
@@ -618,6 +633,9 @@ ffi::Error DecodeLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_ExB,
                                         q_slot, k_BxKxDxS, v_BxKxSxD, H, *block);
       error.failure()) {
     return error;
+  }
+  if (x_ExB.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument(std::string(call) + ": expected x [E, B]");
   }
   const int64_t B = block->B, K = block->K, D = block->D, E = x_ExB.dimensions()[0];
   const int64_t Q = (H + 2 * K) * D, F = w_down.dimensions().size() == 3

@@ -21,10 +21,10 @@ the fused block a generation 22.5-23.0 -> 21.3-21.5 ms per step (old and new cod
 `decode_layer` runs a whole decoder layer of a decode step in one call when all four of its
 matmuls are packed: the two RMSNorms, the matmuls, the attention block, silu(gate) x up and the
 residual adds, its five parallel loops as phases on one set of threads (XLA's pool woken once per
-layer, not once per matmul, and none of XLA's small fusions between the calls). Measured against
-the per-op calls in one process, runs alternated (experiments/bench_sampler.py's model, batch 8,
-sixteen runs each, twice): median 6.32 -> 6.06 and 6.82 -> 6.56 ms per step (~4%), batch 32
-within noise: the step is bound by memory and arithmetic, not by the calls.
+layer, not once per matmul, and none of XLA's small fusions between the calls). Against the
+per-op calls in one process, runs alternated (experiments/bench_sampler.py's model, batch 8,
+twelve runs each, twice): best 5.72 -> 5.49 and 5.93 -> 5.82 ms per step, medians -2.5% and
++1.3%; batch 32 within noise. The step is bound by memory and arithmetic, not by the calls.
 
 The sampler uses them where it can (`usable`): a CPU device, float32 compute, one device (the
 custom calls are not partitioned over a mesh), and the extension built by the install (setup.py;
