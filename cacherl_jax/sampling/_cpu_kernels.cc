@@ -33,6 +33,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -712,49 +713,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CacherlPackedMatmul, PackedMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// The inputs both decode calls end with (RoPE tables, validity, the query slot, the caches
+// aliased to results 1 and 2), their attributes and their three results.
+template <typename Binding>
+auto WithCacheArgs(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()   // cos
+      .template Arg<ffi::Buffer<ffi::F32>>()             // sin
+      .template Arg<ffi::Buffer<ffi::PRED>>()            // valid
+      .template Arg<ffi::Buffer<ffi::S32>>()             // q_slot
+      .template Arg<ffi::Buffer<ffi::F32>>()             // keys (aliased to result 1)
+      .template Arg<ffi::Buffer<ffi::F32>>()             // values (result 2)
+      .template Attr<int64_t>("num_heads")
+      .template Attr<float>("eps")
+      .template Attr<float>("scale")
+      .template Ret<ffi::Buffer<ffi::F32>>()             // out
+      .template Ret<ffi::Buffer<ffi::F32>>()             // keys
+      .template Ret<ffi::Buffer<ffi::F32>>();            // values
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CacherlDecodeAttention, DecodeAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // qkv
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q_norm
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_norm
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_slot
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys (aliased to result 1)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // values (result 2)
-                                  .Attr<int64_t>("num_heads")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              WithCacheArgs(ffi::Ffi::Bind()
+                                                .Ctx<ffi::ThreadPool>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // qkv
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // q_norm
+                                                .Arg<ffi::Buffer<ffi::F32>>()));  // k_norm
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CacherlDecodeLayer, DecodeLayerImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // attn_norm
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_qkv (packed)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q_norm
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_norm
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // wo (packed)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mlp_norm
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_gate_up (packed)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_down (packed)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_slot
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys (aliased to result 1)
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // values (result 2)
-                                  .Attr<int64_t>("num_heads")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              WithCacheArgs(ffi::Ffi::Bind()
+                                                .Ctx<ffi::ThreadPool>()
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // x
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // attn_norm
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // w_qkv
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // q_norm
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // k_norm
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // wo
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // mlp_norm
+                                                .Arg<ffi::Buffer<ffi::F32>>()    // w_gate_up
+                                                .Arg<ffi::Buffer<ffi::F32>>()));  // w_down
 
 // --- the Python module: hands the handler to jax.ffi.register_ffi_target ------------------------
 

@@ -125,28 +125,19 @@ def decode_attention(
     slot's, and its own slot (the mask of `kv_cache.extend` at T = 1). Slots after `q_slot` are
     not read, which XLA's static shapes cannot express: its attention reads the whole cache.
     """
-    _registered()
-    B, D = k_BxKxDxS.shape[0], k_BxKxDxS.shape[2]
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    shapes = (
-        jax.ShapeDtypeStruct((num_heads * D, B), jnp.float32),
-        jax.ShapeDtypeStruct(k_BxKxDxS.shape, jnp.float32),
-        jax.ShapeDtypeStruct(v_BxKxSxD.shape, jnp.float32),
-    )
-    call = jax.ffi.ffi_call(_PREFIX + "decode_attention", shapes, input_output_aliases={7: 1, 8: 2})
-    return call(
-        f32(qkv_QxB),
-        f32(q_norm_D),
-        f32(k_norm_D),
-        f32(cos_DxB),
-        f32(sin_DxB),
-        jnp.asarray(valid_BxS, bool),
-        jnp.asarray(q_slot, jnp.int32),
-        f32(k_BxKxDxS),
-        f32(v_BxKxSxD),
-        num_heads=np.int64(num_heads),
-        eps=np.float32(eps),
-        scale=np.float32(D**-0.5),
+    out = jax.ShapeDtypeStruct((num_heads * k_BxKxDxS.shape[2], k_BxKxDxS.shape[0]), jnp.float32)
+    return _cache_call(
+        "decode_attention",
+        out,
+        [qkv_QxB, q_norm_D, k_norm_D],
+        cos_DxB,
+        sin_DxB,
+        k_BxKxDxS,
+        v_BxKxSxD,
+        valid_BxS,
+        q_slot,
+        num_heads=num_heads,
+        eps=eps,
     )
 
 
@@ -178,23 +169,52 @@ def decode_layer(
     wake-up of XLA's pool per layer instead of one per matmul, and none of XLA's small fusions
     between them.
     """
+    names = ["attn_norm", "w_qkv", "q_norm", "k_norm", "wo", "mlp_norm", "w_gate_up", "w_down"]
+    return _cache_call(
+        "decode_layer",
+        jax.ShapeDtypeStruct(x_ExB.shape, jnp.float32),
+        [x_ExB, *(layer[name] for name in names)],
+        cos_DxB,
+        sin_DxB,
+        k_BxKxDxS,
+        v_BxKxSxD,
+        valid_BxS,
+        q_slot,
+        num_heads=num_heads,
+        eps=eps,
+    )
+
+
+def _cache_call(
+    name: str,
+    out: jax.ShapeDtypeStruct,
+    leading: list[jax.Array],
+    cos_DxB: jax.Array,
+    sin_DxB: jax.Array,
+    k_BxKxDxS: jax.Array,
+    v_BxKxSxD: jax.Array,
+    valid_BxS: jax.Array,
+    q_slot: jax.Array,
+    *,
+    num_heads: int,
+    eps: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Calls a decode kernel: its own float32 inputs, then the ones both end with (RoPE tables,
+    validity, the query slot, the caches aliased to results 1 and 2); returns (out, keys,
+    values)."""
     _registered()
-    D = k_BxKxDxS.shape[2]
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     shapes = (
-        jax.ShapeDtypeStruct(x_ExB.shape, jnp.float32),
+        out,
         jax.ShapeDtypeStruct(k_BxKxDxS.shape, jnp.float32),
         jax.ShapeDtypeStruct(v_BxKxSxD.shape, jnp.float32),
     )
-    call = jax.ffi.ffi_call(_PREFIX + "decode_layer", shapes, input_output_aliases={13: 1, 14: 2})
-    weights = [
-        layer[name]
-        for name in ("attn_norm", "w_qkv", "q_norm", "k_norm", "wo", "mlp_norm", "w_gate_up")
-    ]
+    keys_index = len(leading) + 4
+    call = jax.ffi.ffi_call(
+        _PREFIX + name, shapes, input_output_aliases={keys_index: 1, keys_index + 1: 2}
+    )
     return call(
-        f32(x_ExB),
-        *map(f32, weights),
-        f32(layer["w_down"]),
+        *map(f32, leading),
         f32(cos_DxB),
         f32(sin_DxB),
         jnp.asarray(valid_BxS, bool),
@@ -203,7 +223,7 @@ def decode_layer(
         f32(v_BxKxSxD),
         num_heads=np.int64(num_heads),
         eps=np.float32(eps),
-        scale=np.float32(D**-0.5),
+        scale=np.float32(k_BxKxDxS.shape[2] ** -0.5),
     )
 
 
