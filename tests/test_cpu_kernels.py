@@ -218,8 +218,8 @@ def _random_layer(rng, E, H, K, D, F):
     return {name: cpu_kernels.pack(w) if name in _PACKED else w for name, w in layer.items()}
 
 
-# Two to four query heads per kv head, an MLP of 3 and of 5 panels per half, the first slot, a
-# middle one and the last.
+# Two to four query heads per kv head, MLP halves of 3, 5 and 6 panels (odd counts leave the
+# matmul's single-panel tail to a chunk), the first slot, a middle one and the last.
 @pytest.mark.parametrize("E,H,K,D,F,S,q_slot", [
     (64, 4, 2, 16, 48, 40, 17),
     (96, 4, 1, 32, 80, 70, 0),
