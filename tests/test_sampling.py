@@ -1,6 +1,7 @@
 """The KV-cache sampler against transformers' `generate`, our own training forward pass, the
 chat template's multi-turn continuation, and the statistics of the distributions it samples."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,7 +14,7 @@ from cacherl_jax import parallel, reference
 from cacherl_jax.chat import append_generated, append_tool_results, render_prompt, render_text
 from cacherl_jax.chat.tokenizer import train_tokenizer
 from cacherl_jax.model import Qwen3Config, forward, load_hf_checkpoint, param_shardings
-from cacherl_jax.sampling import Sampler, SamplingParams, bucket
+from cacherl_jax.sampling import Sampler, SamplingParams, bucket, kv_cache
 from cacherl_jax.sampling.sampler import _sample, uniforms
 
 LOGPROB_TOLERANCE = 1e-4  # float32: sampler (cached, left-padded) vs training forward
@@ -132,6 +133,37 @@ def test_greedy_matches_transformers_generate(samplers, tiny, rng):
         expected = out[0, len(prompt) :].numpy()
         assert generation.stop_reason == "length"
         np.testing.assert_array_equal(generation.token_ids, expected, err_msg=f"row {row}")
+
+
+def test_prefill_window_reads_only_the_first_slots(tiny, rng):
+    """A fresh cache's prefill attends over the prompt's slots only (`extend(window=...)`): the
+    cache and logits of attending over every slot, and slots past the window are not read
+    (NaN there poisons the full-cache attention, not the windowed one)."""
+    weights = kv_cache.sampling_weights(tiny[0], TINY)
+    B, T, S = 3, 16, 48
+    tokens_BxT = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, T)), jnp.int32)
+    valid_BxT = jnp.asarray(np.arange(T)[None, :] >= np.array([[0], [5], [11]]))
+    extend = jax.jit(functools.partial(kv_cache.extend, config=TINY), static_argnames="window")
+    clean = kv_cache.init_cache(TINY, B, S)
+    full, logits_full = extend(weights, cache=clean, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT)
+    windowed, logits = extend(
+        weights, cache=clean, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT, window=T
+    )
+    # Equal up to float32 rounding: XLA sums the softmax over fewer slots, in another order.
+    np.testing.assert_allclose(logits, logits_full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(windowed), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    garbage = dataclasses.replace(
+        clean,
+        k=tuple(k.at[..., T:].set(jnp.nan) for k in clean.k),
+        v=tuple(v.at[:, :, T:].set(jnp.nan) for v in clean.v),
+    )
+    _, poisoned = extend(weights, cache=garbage, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT)
+    _, guarded = extend(
+        weights, cache=garbage, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT, window=T
+    )
+    assert np.isnan(poisoned).all()
+    np.testing.assert_array_equal(guarded, logits)
 
 
 def test_logprobs_equal_training_forward(samplers, rng):

@@ -209,9 +209,11 @@ def _attention_block(
     mask_BxTxS: jax.Array,
     start: jax.Array,
     config: Qwen3Config,
+    window: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """XLA's attention block after the fused q/k/v projection: per-head norms and RoPE, the new
-    keys and values written at slot `start`, attention. Returns (keys, values, out [H D, N])."""
+    keys and values written at slot `start`, attention (over the first `window` slots if
+    given). Returns (keys, values, out [H D, N])."""
     H, K, D, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
     B, N = k_cache.shape[0], qkv_QxN.shape[1]
     T = N // B
@@ -230,7 +232,10 @@ def _attention_block(
         v_cache, v_KxDxN.reshape(K, D, B, T).transpose(2, 0, 3, 1), (0, 0, start, 0)
     )
     q_BxTxHxD = q_HxDxN.reshape(H, D, B, T).transpose(2, 3, 0, 1)
-    out_BxTxHxD = _attention(q_BxTxHxD, k_cache, v_cache, mask_BxTxS, config)
+    S = k_cache.shape[3] if window is None else window
+    out_BxTxHxD = _attention(
+        q_BxTxHxD, k_cache[..., :S], v_cache[:, :, :S], mask_BxTxS[..., :S], config
+    )
     return k_cache, v_cache, out_BxTxHxD.reshape(N, H * D).T
 
 
@@ -241,6 +246,7 @@ def extend(
     tokens_BxT: jax.Array,
     valid_BxT: jax.Array,
     rope: tuple[jax.Array, jax.Array] | None = None,
+    window: int | None = None,
 ) -> tuple[KVCache, jax.Array]:
     """Appends T slots (a prefill chunk, or T=1 for a decode step) and returns the cache and the
     float32 logits [B, V] of the chunk's last slot.
@@ -249,6 +255,9 @@ def extend(
     logits are used. The caller checks that `length + T` fits in the cache: a write past the end
     would be clamped by `dynamic_update_slice` onto earlier slots. `rope`: the (cos, sin) tables
     of the chunk's positions, when the caller has them precomputed (see `rope_tables`).
+    `window`: XLA's attention reads only slots [0, window), for a caller that knows no later
+    slot holds a token (a fresh cache's prefill); its shapes are static, so without it the
+    attention reads every slot of the cache.
     """
     B, T = tokens_BxT.shape
     S = cache.max_len
@@ -303,8 +312,9 @@ def extend(
             )
         else:
             k_cache, v_cache, out_HDxN = _attention_block(
-                qkv_QxN, layer, k_cache, v_cache, cos_DxN, sin_DxN, mask_BxTxS, start, config
-            )
+                qkv_QxN, layer, k_cache, v_cache, cos_DxN, sin_DxN, mask_BxTxS, start, config,
+                window,
+            )  # fmt: skip
         k_layers.append(k_cache)
         v_layers.append(v_cache)
         x_ExN = x_ExN + _linear(layer["wo"], out_HDxN)

@@ -260,14 +260,19 @@ def _prefill_and_decode(
     num_out: int,
     top_k_cap: int,
     use_top_p: bool,
+    prefill_window: int | None,
 ) -> tuple[KVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Writes the new tokens (P pieces of C slots) into the cache, then decodes until every row
-    stopped. Returns (cache, tokens_BxN, logprobs_BxN, raw_logprobs_BxN, counts_B, reasons_B)."""
+    stopped. Returns (cache, tokens_BxN, logprobs_BxN, raw_logprobs_BxN, counts_B, reasons_B).
+    `prefill_window`: the prefill's attention reads only the cache's first slots (see
+    `kv_cache.extend`); the caller knows that no later slot holds a token."""
     B = tokens_PxBxC.shape[1]
 
     def prefill_piece(p, carry):
         cache, _ = carry
-        return kv_cache.extend(weights, config, cache, tokens_PxBxC[p], valid_PxBxC[p])
+        return kv_cache.extend(
+            weights, config, cache, tokens_PxBxC[p], valid_PxBxC[p], window=prefill_window
+        )
 
     V = config.vocab_size
     cache, logits_BxV = lax.fori_loop(
@@ -337,7 +342,7 @@ def _prefill_and_decode(
 # Module-level, so that every Sampler of one config shares the compiled programs.
 _run = jax.jit(
     _prefill_and_decode,
-    static_argnames=("config", "num_out", "top_k_cap", "use_top_p"),
+    static_argnames=("config", "num_out", "top_k_cap", "use_top_p", "prefill_window"),
     donate_argnames=("cache",),
 )
 
@@ -486,6 +491,10 @@ class Sampler:
             num_out=num_out,
             top_k_cap=top_k_cap,
             use_top_p=use_top_p,
+            # A fresh cache's prefill attends over the prompt's slots, not the whole cache (a
+            # third of it in bench_sampler.py). Only then: a window that follows `used` would
+            # compile a program per turn of a conversation.
+            prefill_window=chunk if used == 0 else None,
         )
         tokens_BxN, logp_BxN, raw_BxN, count_B, reason_B = jax.device_get(
             (tokens_BxN, logp_BxN, raw_BxN, count_B, reason_B)
