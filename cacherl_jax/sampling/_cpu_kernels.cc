@@ -335,17 +335,45 @@ Isa PickIsa() {
 
 const Isa kIsa = PickIsa();
 
-// Items [0, n) in chunks of `grain`, on this thread and on XLA's intra-op pool (the threads that
-// run the rest of the step: no threads of our own to compete with it for the cores). A few chunks
-// per thread, so that a thread that starts late or is preempted does not hold up the call. Tasks
-// on the pool may start after the call has returned, hence the shared_ptr.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F body) {
-  struct State {
-    State(F body, int64_t n, int64_t grain)
-        : body(body), n(n), grain(grain), chunks((n + grain - 1) / grain) {}
-    F body;
+// Phases that run one after another, each a loop over chunks claimed from a shared counter by
+// the calling thread and by helpers on XLA's intra-op pool (the threads that run the rest of the
+// step: no threads of our own to compete with it for the cores), which are woken once for all
+// the phases (a decode layer's five parallel loops as separate calls paid for five wake-ups and
+// the XLA ops between them). A few chunks per thread, so that a thread that starts late or is
+// preempted does not hold up the call; helpers may start after the call has returned, hence
+// the shared_ptr. The calling thread runs any serial work before publishing the next
+// phase. It never waits for a helper to start, only for chunks a helper has claimed: a helper
+// that starts late finds the earlier phases' chunks taken and joins where the caller is, and a
+// helper never waits long for the caller (AwaitPublished).
+class Phases {
+ public:
+  using Body = std::function<void(int64_t begin, int64_t end)>;
+
+  void Add(int64_t n, int64_t grain, Body body) {
+    phases_.push_back(std::make_unique<Phase>(n, grain, std::move(body)));
+  }
+
+  // Wakes the helpers; then Run(0), Run(1), ... in order on the calling thread.
+  static void Start(ffi::ThreadPool& pool, const std::shared_ptr<Phases>& self) {
+    int64_t most = 1;
+    for (const auto& phase : self->phases_) most = std::max(most, phase->chunks);
+    const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), most);
+    for (int64_t t = 1; t < threads; t++) pool.Schedule([self] { self->Help(); });
+  }
+
+  void Run(size_t index) {
+    Phase& phase = *phases_[index];
+    published_.store(index + 1, std::memory_order_release);
+    phase.Work();
+    while (phase.done.load(std::memory_order_acquire) < phase.chunks) CACHERL_PAUSE();
+  }
+
+ private:
+  struct Phase {
+    Phase(int64_t n, int64_t grain, Body body)
+        : n(n), grain(grain), chunks((n + grain - 1) / grain), body(std::move(body)) {}
     int64_t n, grain, chunks;
+    Body body;
     std::atomic<int64_t> next{0}, done{0};
     void Work() {
       for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
@@ -354,13 +382,38 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F body) {
       }
     }
   };
-  auto state = std::make_shared<State>(body, n, grain);
-  const int64_t threads =
-      std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), state->chunks);
-  for (int64_t t = 1; t < threads; t++) pool.Schedule([state] { state->Work(); });
-  state->Work();
-  // Every chunk is claimed; wait for the ones other threads are still computing.
-  while (state->done.load(std::memory_order_acquire) < state->chunks) CACHERL_PAUSE();
+
+  void Help() {
+    for (size_t index = 0; index < phases_.size(); index++) {
+      if (!AwaitPublished(index)) return;
+      phases_[index]->Work();
+    }
+  }
+
+  // Whether the caller published phase `index` within ~100 us. Between phases it runs only short
+  // serial steps (a few us), so a longer wait means it is not coming soon: the pool ran this
+  // helper inline inside Schedule (it does when its queue is full), before the caller published
+  // anything, or the caller was preempted. The caller then finishes the phases alone.
+  bool AwaitPublished(size_t index) const {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+    for (int spins = 1; published_.load(std::memory_order_acquire) <= index; spins++) {
+      CACHERL_PAUSE();
+      if (spins % 64 == 0 && std::chrono::steady_clock::now() > deadline) return false;
+    }
+    return true;
+  }
+
+  std::vector<std::unique_ptr<Phase>> phases_;
+  std::atomic<size_t> published_{0};
+};
+
+// Items [0, n) in chunks of `grain` on this thread and XLA's pool: a single phase.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F body) {
+  auto phases = std::make_shared<Phases>();
+  phases->Add(n, grain, std::move(body));
+  Phases::Start(pool, phases);
+  phases->Run(0);
 }
 
 int64_t Grain(ffi::ThreadPool& pool, int64_t n, int64_t multiple) {
@@ -529,75 +582,6 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv_Q
               [block](int64_t i0, int64_t i1) { block.Items(i0, i1); });
   return ffi::Error::Success();
 }
-
-// Phases that run one after another, each a loop over chunks claimed from a shared counter by
-// the calling thread and by helpers on XLA's intra-op pool, which are woken once for all the
-// phases (a decode layer's five parallel loops as separate calls paid for five wake-ups and the
-// XLA ops between them). The calling thread runs any serial work before publishing the next
-// phase. It never waits for a helper to start, only for chunks a helper has claimed: a helper
-// that starts late finds the earlier phases' chunks taken and joins where the caller is, and a
-// helper never waits long for the caller (AwaitPublished).
-class Phases {
- public:
-  using Body = std::function<void(int64_t begin, int64_t end)>;
-
-  void Add(int64_t n, int64_t grain, Body body) {
-    phases_.push_back(std::make_unique<Phase>(n, grain, std::move(body)));
-  }
-
-  // Wakes the helpers; then Run(0), Run(1), ... in order on the calling thread.
-  static void Start(ffi::ThreadPool& pool, const std::shared_ptr<Phases>& self) {
-    int64_t most = 1;
-    for (const auto& phase : self->phases_) most = std::max(most, phase->chunks);
-    const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), most);
-    for (int64_t t = 1; t < threads; t++) pool.Schedule([self] { self->Help(); });
-  }
-
-  void Run(size_t index) {
-    Phase& phase = *phases_[index];
-    published_.store(index + 1, std::memory_order_release);
-    phase.Work();
-    while (phase.done.load(std::memory_order_acquire) < phase.chunks) CACHERL_PAUSE();
-  }
-
- private:
-  struct Phase {
-    Phase(int64_t n, int64_t grain, Body body)
-        : n(n), grain(grain), chunks((n + grain - 1) / grain), body(std::move(body)) {}
-    int64_t n, grain, chunks;
-    Body body;
-    std::atomic<int64_t> next{0}, done{0};
-    void Work() {
-      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-        body(c * grain, std::min(n, (c + 1) * grain));
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-
-  void Help() {
-    for (size_t index = 0; index < phases_.size(); index++) {
-      if (!AwaitPublished(index)) return;
-      phases_[index]->Work();
-    }
-  }
-
-  // Whether the caller published phase `index` within ~100 us. Between phases it runs only short
-  // serial steps (a few us), so a longer wait means it is not coming soon: the pool ran this
-  // helper inline inside Schedule (it does when its queue is full), before the caller published
-  // anything, or the caller was preempted. The caller then finishes the phases alone.
-  bool AwaitPublished(size_t index) const {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
-    for (int spins = 1; published_.load(std::memory_order_acquire) <= index; spins++) {
-      CACHERL_PAUSE();
-      if (spins % 64 == 0 && std::chrono::steady_clock::now() > deadline) return false;
-    }
-    return true;
-  }
-
-  std::vector<std::unique_ptr<Phase>> phases_;
-  std::atomic<size_t> published_{0};
-};
 
 // RMSNorm of each column of feature-major x [E, B], as qwen3.rms_norm over axis 0.
 void RmsNormColumns(const float* x, const float* weight, int64_t E, int64_t B, float eps,

@@ -284,16 +284,9 @@ def extend(
     # Weights laid out for the CPU kernels (sampling_weights(packed=True)): they run the step.
     kernels = CPU_KERNELS in weights
     x_ExN = jnp.take(weights["embed"], tokens_BxT.reshape(N), axis=0).astype(dtype).T
-    k_layers, v_layers = [], []
-    for layer, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
-        if T == 1 and kernels and cpu_kernels.layer_fusable(layer):  # the layer in one call
-            x_ExN, k_cache, v_cache = cpu_kernels.decode_layer(
-                x_ExN, layer, cos_DxN, sin_DxN, k_cache, v_cache, valid_BxS, start,
-                num_heads=H, eps=eps,
-            )  # fmt: skip
-            k_layers.append(k_cache)
-            v_layers.append(v_cache)
-            continue
+
+    def layer_in_ops(layer, x_ExN, k_cache, v_cache):
+        """One layer as XLA ops and per-op custom calls; returns (x, keys, values)."""
         h_ExN = qwen3.rms_norm(x_ExN, layer["attn_norm"], eps, axis=0)
         qkv_QxN = _linear(layer["w_qkv"], h_ExN)
         if T == 1 and kernels:  # a decode step: the rest of the block is one custom call
@@ -315,13 +308,24 @@ def extend(
                 qkv_QxN, layer, k_cache, v_cache, cos_DxN, sin_DxN, mask_BxTxS, start, config,
                 window,
             )  # fmt: skip
-        k_layers.append(k_cache)
-        v_layers.append(v_cache)
         x_ExN = x_ExN + _linear(layer["wo"], out_HDxN)
         h_ExN = qwen3.rms_norm(x_ExN, layer["mlp_norm"], eps, axis=0)
         gate_up_2FxN = _linear(layer["w_gate_up"], h_ExN)
         gate_FxN, up_FxN = jnp.split(gate_up_2FxN, 2, axis=0)
         x_ExN = x_ExN + _linear(layer["w_down"], jax.nn.silu(gate_FxN) * up_FxN)
+        return x_ExN, k_cache, v_cache
+
+    k_layers, v_layers = [], []
+    for layer, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v, strict=True):
+        if T == 1 and kernels and cpu_kernels.layer_fusable(layer):  # the layer in one call
+            x_ExN, k_cache, v_cache = cpu_kernels.decode_layer(
+                x_ExN, layer, cos_DxN, sin_DxN, k_cache, v_cache, valid_BxS, start,
+                num_heads=H, eps=eps,
+            )  # fmt: skip
+        else:
+            x_ExN, k_cache, v_cache = layer_in_ops(layer, x_ExN, k_cache, v_cache)
+        k_layers.append(k_cache)
+        v_layers.append(v_cache)
 
     # Only the last slot's logits are needed: the output projection runs on B rows, not B * T.
     x_ExB = x_ExN.reshape(-1, B, T)[:, :, -1]
