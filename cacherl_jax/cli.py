@@ -15,7 +15,7 @@ from typing import Any
 from cacherl_jax.agent.bfcl import BfclError
 from cacherl_jax.agent.tool_cache import ToolCacheError
 from cacherl_jax.chat.tokenizer import TokenizerError
-from cacherl_jax.data.trajectory import TrajectoryError
+from cacherl_jax.chat.trajectory import TrajectoryError
 from cacherl_jax.eval.run import EvalError
 from cacherl_jax.model.config import CheckpointError
 from cacherl_jax.parallel import ShardingError
@@ -93,7 +93,7 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 
 def _chat_show(args: argparse.Namespace) -> None:
     from cacherl_jax.chat import inspect, load_tokenizer, render
-    from cacherl_jax.data import load_jsonl
+    from cacherl_jax.chat.trajectory import load_jsonl
 
     trajectories, _ = load_jsonl(args.input)
     tokenizer = load_tokenizer(args.tokenizer)

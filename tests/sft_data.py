@@ -2,7 +2,7 @@
 
 import random
 
-from cacherl_jax.data import Trajectory
+from cacherl_jax.chat.trajectory import Trajectory
 
 ADD_TOOL = {
     "type": "function",

@@ -20,7 +20,7 @@ from openai_stub import OpenAIStub
 from cacherl_jax.agent.environment import Task
 from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig
 from cacherl_jax.chat import render_text
-from cacherl_jax.data import Trajectory, load_jsonl
+from cacherl_jax.chat.trajectory import Trajectory, load_jsonl
 from cacherl_jax.data.thinking import (
     AugmentRules,
     augment,

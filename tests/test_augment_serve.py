@@ -21,7 +21,7 @@ from test_augment import conversation, make_config, write_input
 
 from cacherl_jax.chat import load_tokenizer, render, render_text
 from cacherl_jax.chat.tokenizer import train_tokenizer
-from cacherl_jax.data import Trajectory, load_jsonl
+from cacherl_jax.chat.trajectory import Trajectory, load_jsonl
 from cacherl_jax.data.thinking import AugmentRules, augment, plan_record, teacher_messages
 from cacherl_jax.data.thinking.rules import keeps_thinking
 from cacherl_jax.model import (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cacherl_jax.chat import load_tokenizer, render
-from cacherl_jax.data import Trajectory
+from cacherl_jax.chat.trajectory import Trajectory
 from cacherl_jax.data.pipeline import (
     BATCH_KEYS,
     PipelineConfig,

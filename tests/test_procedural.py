@@ -21,7 +21,7 @@ from cacherl_jax.agent.procedural.solver import PLAN_ONLY_ANSWER
 from cacherl_jax.agent.procedural.suite import combos_for, templates_for
 from cacherl_jax.chat.template import render, render_text
 from cacherl_jax.chat.tokenizer import train_tokenizer
-from cacherl_jax.data import Trajectory, load_jsonl
+from cacherl_jax.chat.trajectory import Trajectory, load_jsonl
 from cacherl_jax.data.pipeline import render_examples
 from cacherl_jax.rl.rewards import is_meta_answer
 

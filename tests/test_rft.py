@@ -19,7 +19,7 @@ from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_
 from cacherl_jax.chat import load_tokenizer, render
 from cacherl_jax.chat.template import render_text
 from cacherl_jax.chat.tokenizer import train_tokenizer
-from cacherl_jax.data import load_jsonl
+from cacherl_jax.chat.trajectory import load_jsonl
 from cacherl_jax.eval.suite import TaskResult
 from cacherl_jax.rl.rewards import Reward
 from cacherl_jax.train import rft, sft

@@ -16,7 +16,7 @@ from sft_data import addition_trajectories
 
 from cacherl_jax import cli, parallel
 from cacherl_jax.data import pipeline as data_pipeline
-from cacherl_jax.data import write_jsonl
+from cacherl_jax.chat.trajectory import write_jsonl
 from cacherl_jax.model import init_params, load_hf_checkpoint, presets
 from cacherl_jax.train import sft
 from cacherl_jax.train.errors import CheckpointMismatchError, TrainingError
@@ -107,7 +107,7 @@ def _step_setup(config, mesh, batches):
 def _batches(data_file, n, batch_size=8):
     from cacherl_jax.chat import train_tokenizer
     from cacherl_jax.chat.template import render_text
-    from cacherl_jax.data import load_jsonl
+    from cacherl_jax.chat.trajectory import load_jsonl
 
     trajectories, _ = load_jsonl(data_file)
     tokenizer = train_tokenizer(

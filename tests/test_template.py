@@ -486,7 +486,7 @@ def test_tool_results_close_a_turn_that_stopped_at_tool_call_end(qwen3):
 def test_chat_show_marks_exactly_the_trained_text(qwen3, tmp_path, capsys):
     from cacherl_jax import cli
     from cacherl_jax.chat import inspect
-    from cacherl_jax.data import Trajectory, write_jsonl
+    from cacherl_jax.chat.trajectory import Trajectory, write_jsonl
 
     rendered = render(TOOL_LOOP, [WEATHER], qwen3)
     marked = inspect.format_tokens(rendered, qwen3)

@@ -27,7 +27,7 @@ from cacherl_jax.agent.tool_cache import (
     canonical_key,
     canonical_value,
 )
-from cacherl_jax.data.trajectory import Trajectory, write_jsonl
+from cacherl_jax.chat.trajectory import Trajectory, write_jsonl
 
 WEATHER = {"city": "San Francisco", "unit": "celsius", "days": 3}
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cacherl_jax.data import (
+from cacherl_jax.chat.trajectory import (
     ReadReport,
     Trajectory,
     TrajectoryError,
@@ -346,7 +346,7 @@ def test_on_error_skip_keeps_the_good_records_in_order(tmp_path, caplog):
         json.dumps(_minimal("a")),  # duplicate ids are allowed
     ]
     path = _write_lines(tmp_path / "mixed.jsonl", lines)
-    with caplog.at_level(logging.WARNING, logger="cacherl_jax.data.trajectory"):
+    with caplog.at_level(logging.WARNING, logger="cacherl_jax.chat.trajectory"):
         trajectories, report = load_jsonl(path, on_error="skip")
 
     assert [t.id for t in trajectories] == ["a", "b", "d", "a"]

@@ -159,7 +159,7 @@ def register_cli(commands: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`cacherl cache ...` on its own (what cacherl's main does for this command)."""
     from cacherl_jax.agent.tool_cache import ToolCacheError
-    from cacherl_jax.data.trajectory import TrajectoryError
+    from cacherl_jax.chat.trajectory import TrajectoryError
 
     parser = argparse.ArgumentParser(prog="cacherl")
     register_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))

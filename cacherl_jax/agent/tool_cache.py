@@ -59,7 +59,7 @@ except ImportError:  # the same search in Python
     _fuzzy_kernels = None
 
 if TYPE_CHECKING:
-    from cacherl_jax.data.trajectory import Trajectory
+    from cacherl_jax.chat.trajectory import Trajectory
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "cacherl_jax.tool_cache"
@@ -1702,7 +1702,7 @@ def build_from_trajectories(
 
     Entries get `scope`, or with `scope_per_trajectory` the trajectory's id (for tools whose
     results depend on the task's state). Raises TrajectoryError for a bad record."""
-    from cacherl_jax.data.trajectory import read_jsonl
+    from cacherl_jax.chat.trajectory import read_jsonl
 
     report = BuildReport()
     batch: list[ToolRecord] = []

@@ -1,19 +1,5 @@
-"""Training data: agent trajectories and the JSONL files that hold them."""
+"""Training data: the thinking (knowledge-transfer) pipeline and the grain input pipeline.
 
-from cacherl_jax.data.trajectory import (
-    ReadReport,
-    Trajectory,
-    TrajectoryError,
-    load_jsonl,
-    read_jsonl,
-    write_jsonl,
-)
-
-__all__ = [
-    "ReadReport",
-    "Trajectory",
-    "TrajectoryError",
-    "load_jsonl",
-    "read_jsonl",
-    "write_jsonl",
-]
+The trajectory schema and its JSONL IO live one layer down, in `cacherl_jax.chat.trajectory`,
+because the agent layer builds and reads trajectories too.
+"""

@@ -57,7 +57,7 @@ import numpy as np
 
 from cacherl_jax.chat.template import Rendered, render
 from cacherl_jax.chat.tokenizer import Tokenizer
-from cacherl_jax.data.trajectory import Trajectory
+from cacherl_jax.chat.trajectory import Trajectory
 
 EXAMPLE_KEYS = ("token_ids", "loss_mask", "thinking_mask")
 BATCH_KEYS = (

@@ -33,7 +33,7 @@ from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, Rollout
 from cacherl_jax.agent.procedural import generate_tasks
 from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_trajectories
 from cacherl_jax.chat import load_tokenizer
-from cacherl_jax.data import load_jsonl
+from cacherl_jax.chat.trajectory import load_jsonl
 from cacherl_jax.eval.suite import evaluate, score_rollouts
 from cacherl_jax.model import load_hf_checkpoint, save_hf_checkpoint
 from cacherl_jax.model import lora as lora_lib

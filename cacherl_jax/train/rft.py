@@ -61,7 +61,7 @@ from cacherl_jax import parallel
 from cacherl_jax.agent.environment import Task
 from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, PromptTooLongError, Rollout
 from cacherl_jax.chat import Tokenizer, load_tokenizer, render
-from cacherl_jax.data import Trajectory, load_jsonl, write_jsonl
+from cacherl_jax.chat.trajectory import Trajectory, load_jsonl, write_jsonl
 from cacherl_jax.eval.suite import TaskResult, evaluate, score_rollouts
 from cacherl_jax.model import load_hf_checkpoint
 from cacherl_jax.rl.rewards import RewardConfig

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from cacherl_jax import parallel
 from cacherl_jax.chat import Tokenizer, load_tokenizer, train_tokenizer
 from cacherl_jax.chat.template import render_text
-from cacherl_jax.data import load_jsonl
+from cacherl_jax.chat.trajectory import load_jsonl
 from cacherl_jax.data import pipeline as data_pipeline
 from cacherl_jax.model import (
     Qwen3Config,

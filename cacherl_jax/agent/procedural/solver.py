@@ -19,7 +19,7 @@ from typing import Any
 from cacherl_jax.agent.environment import ReferenceCall, Task
 from cacherl_jax.agent.procedural.domain import Solution, TaskKind
 from cacherl_jax.agent.procedural.environment import ProceduralEnvironment, get_domain
-from cacherl_jax.data.trajectory import Trajectory, write_jsonl
+from cacherl_jax.chat.trajectory import Trajectory, write_jsonl
 
 
 @dataclasses.dataclass

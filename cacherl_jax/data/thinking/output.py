@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cacherl_jax.data.trajectory import Trajectory, TrajectoryError
+from cacherl_jax.chat.trajectory import Trajectory, TrajectoryError
 
 # Histogram bucket edges (characters of reasoning per step and per trajectory).
 STEP_CHAR_EDGES = (0, 50, 100, 200, 400, 800, 1600, 3200)

@@ -55,7 +55,7 @@ from cacherl_jax.data.thinking.teachers import (
     make_teacher,
     template_reasoning,
 )
-from cacherl_jax.data.trajectory import Trajectory, TrajectoryError
+from cacherl_jax.chat.trajectory import Trajectory, TrajectoryError
 
 logger = logging.getLogger(__name__)
 

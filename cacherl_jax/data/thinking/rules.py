@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from cacherl_jax.chat.template import last_query_index, split_reasoning
-from cacherl_jax.data.trajectory import Trajectory
+from cacherl_jax.chat.trajectory import Trajectory
 
 StepKind = Literal["call", "answer"]
 STEP_SELECTIONS = ("rendered", "all")

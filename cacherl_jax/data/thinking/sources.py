@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from cacherl_jax.data.trajectory import ReadReport, Trajectory, TrajectoryError, read_jsonl
+from cacherl_jax.chat.trajectory import ReadReport, Trajectory, TrajectoryError, read_jsonl
 
 SOURCE_KINDS = ("jsonl", "bfcl", "procedural")
 CACHE_SCOPES = ("none", "trajectory", "world")
