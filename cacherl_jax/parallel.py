@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cacherl_jax.errors import UserError
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
@@ -36,7 +38,7 @@ DEFAULT_RULES: Rules = (
 DEFAULT_MESH_AXES: Mapping[str, int] = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A mesh or rules table that cannot shard the arrays it is asked to."""
 
 

@@ -38,6 +38,7 @@ from cacherl_jax.agent.environment import (
     Turn,
     execute_reference,
 )
+from cacherl_jax.errors import UserError
 
 CATEGORIES = (
     "multi_turn_base",
@@ -76,7 +77,7 @@ _OPENAPI_TYPES = {
 }
 
 
-class BfclError(ValueError):
+class BfclError(UserError, ValueError):
     """BFCL data that cannot be loaded or parsed; the message names the file, entry and field."""
 
 

@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 from rapidfuzz import fuzz, process
 
+from cacherl_jax.errors import UserError
+
 try:  # the C inner loops (_fuzzy_kernels.c), built at install where a compiler is found
     from cacherl_jax.agent import _fuzzy_kernels
 except ImportError:  # the same search in Python
@@ -104,7 +106,7 @@ CREATE TABLE tools (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, schema TE
 _TABLES = {"meta", "entries", "tools"}
 
 
-class ToolCacheError(ValueError):
+class ToolCacheError(UserError, ValueError):
     """A cache file that cannot be used (not SQLite, someone else's database, another schema
     version, corrupt, unwritable) or a bad argument to a cache command. str(): 'path: message'."""
 

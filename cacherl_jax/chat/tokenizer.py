@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from cacherl_jax.errors import UserError
+
 # The pre-tokenizer of Qwen2/Qwen3: digits one by one, letters with one leading non-letter.
 QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -72,7 +74,7 @@ class SpecialTokens:
         return cls(**{name: lookup[text] for name, text in cls.TEXT.items()})
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be loaded or trained as asked."""
 
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from cacherl_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -26,7 +28,7 @@ MAX_REPORTED_ERRORS = 100
 """`ReadReport.errors` keeps this many; `ReadReport.skipped` counts them all."""
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(UserError, ValueError):
     """A record that does not follow the trajectory schema, or a file that cannot be read.
 
     `field` names the offending part (e.g. 'messages[2].tool_calls[0].function.name', '<json>'

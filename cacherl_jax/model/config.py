@@ -6,12 +6,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from cacherl_jax.errors import UserError
+
 ARCHITECTURE = "Qwen3ForCausalLM"
 
 _COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read: missing or corrupt files, missing or misshapen tensors."""
 
 

@@ -1,7 +1,9 @@
 """Errors a training command reports in one line (kept import-light for the CLI)."""
 
+from cacherl_jax.errors import UserError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (bad data, diverged loss, bad batch shape): said in one line."""
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from cacherl_jax.chat.trajectory import Trajectory, TrajectoryError
 from cacherl_jax.data.thinking.output import (
     AppendOnlyJsonl,
     ResumableOutput,
@@ -55,12 +56,12 @@ from cacherl_jax.data.thinking.teachers import (
     make_teacher,
     template_reasoning,
 )
-from cacherl_jax.chat.trajectory import Trajectory, TrajectoryError
+from cacherl_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class AugmentError(ValueError):
+class AugmentError(UserError, ValueError):
     """A configuration or input the run cannot start with."""
 
 
