@@ -1,31 +1,42 @@
 """`cacherl <command>`: the command-line entry point.
 
-Each command lives in its own module and is imported only when run, so `cacherl --help` is fast
-and a command's heavy dependencies load only for that command.
+Nothing of the project loads before a command is chosen: a command's module (and with it JAX) is
+imported only when that command runs, so `cacherl --help` is fast and lists every command. The
+config commands (`sft`, `grpo`, `rft`, `plan`, `augment`) take `--config=FILE[:VARIANT]` with
+`--config.FIELD=VALUE` overrides (`cacherl_jax.config_flags`); the others are argparse commands,
+and `cache`, `eval` and `serve` define theirs in their own modules (`register_cli`). An error a
+user's input causes (`errors.UserError`) is printed as one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from cacherl_jax.agent.bfcl import BfclError
-from cacherl_jax.agent.tool_cache import ToolCacheError
-from cacherl_jax.chat.tokenizer import TokenizerError
-from cacherl_jax.chat.trajectory import TrajectoryError
-from cacherl_jax.eval.run import EvalError
-from cacherl_jax.model.config import CheckpointError
-from cacherl_jax.parallel import ShardingError
-from cacherl_jax.precision import full_float32_matmuls
-from cacherl_jax.train.errors import TrainingError
-from cacherl_jax.train.host_memory import restart_with_huge_pages
-
-# Commands that run XLA computations restart once with huge pages for XLA's buffers
-# (`host_memory.huge_pages_environment`: ~9% off an SFT step on CPU); the others start faster.
-XLA_COMMANDS = frozenset({"sft", "grpo", "rft", "plan", "check-model", "demo", "eval", "serve"})
+# Config commands: (the line `cacherl --help` shows, an example config for their usage line).
+CONFIG_COMMANDS = {
+    "sft": ("masked SFT on trajectories", "configs/sft.py:tiny"),
+    "grpo": ("GRPO with cache-backed rollouts and the tier-aware reward", "configs/grpo.py:tiny"),
+    "rft": ("iterative rejection-sampled SFT", "configs/rft.py:tiny"),
+    "plan": ("memory per device of an SFT config, compiled ahead of time", "configs/sft.py:tiny"),
+    "augment": ("teacher reasoning for each step of agent trajectories", "configs/augment.py"),
+}
+# Commands their own modules define with `register_cli(commands)`: (module, `--help` line).
+REGISTERED_COMMANDS = {
+    "cache": (
+        "cacherl_jax.agent.cache_cli",
+        "the three-tier tool cache: build it from trajectories, inspect it, query it",
+    ),
+    "eval": ("cacherl_jax.eval.run", "evaluate a checkpoint: procedural suite and/or BFCL v4"),
+    "serve": (
+        "cacherl_jax.serve.server",
+        "OpenAI-compatible chat server (/v1/chat/completions with tools)",
+    ),
+}
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -128,16 +139,13 @@ def _tasks(args: argparse.Namespace) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argparse commands, with the config and registered commands listed for `--help`;
+    `command`'s module, when it is a registered command, defines its full parser."""
     parser = argparse.ArgumentParser(prog="cacherl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Listed for --help; these parse their own ml-collections flags (see CONFIG_COMMANDS).
-    commands.add_parser("sft", help="masked SFT: --config=configs/sft.py:tiny --workdir=runs/x")
-    commands.add_parser(
-        "grpo", help="GRPO with cache-backed rollouts: --config=configs/grpo.py:tiny"
-    )
-    commands.add_parser("rft", help="iterative rejection-sampled SFT: --config=configs/rft.py:tiny")
-    commands.add_parser("plan", help="memory per device of an SFT config, compiled ahead of time")
+    for name, (line, example) in CONFIG_COMMANDS.items():  # `main` parses their flags
+        commands.add_parser(name, help=f"{line}: --config={example}", add_help=False)
 
     convert = commands.add_parser(
         "convert",
@@ -245,60 +253,44 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--output", required=True)
     tasks.set_defaults(run=_tasks)
 
-    from cacherl_jax.agent.cache_cli import register_cli as register_cache_cli
-
-    register_cache_cli(commands)
-    from cacherl_jax.eval.run import register_cli as register_eval_cli
-
-    register_eval_cli(commands)
-    from cacherl_jax.serve.server import register_cli as register_serve_cli
-
-    register_serve_cli(commands)
+    for name, (module, line) in REGISTERED_COMMANDS.items():
+        if name == command:
+            importlib.import_module(module).register_cli(commands)
+        else:
+            commands.add_parser(name, help=line, add_help=False)
     return parser
 
 
-def _parse_config_flags(command: str, argv: Sequence[str], define_extra) -> Any:
-    """ml-collections config flags (absl), the convention of big_vision and friends:
-    `--config=FILE[:ARG]` plus `--config.FIELD=VALUE` overrides."""
-    from absl import flags
-    from ml_collections import config_flags
+# --- config commands ---------------------------------------------------------------------------
 
-    flag_values = flags.FlagValues()
-    full_argv = [f"cacherl {command}", *argv]
-    # sys_argv tells ml-collections which `--config.X` overrides to define (default: sys.argv).
-    config_flags.DEFINE_config_file(
-        "config",
+
+def _config_flags(command: str) -> list[Any]:
+    from cacherl_jax.config_flags import Flag
+
+    progress = Flag("progress", True, "show a progress bar")
+    if command == "plan":
+        return [
+            Flag("cpu_devices", 8, "simulated CPU devices standing in for the mesh", metavar="N"),
+            Flag("device_memory_gb", 0.0, "memory of one real device, to say whether it fits"),
+        ]
+    if command == "augment":
+        return [
+            Flag("input", None, "FILE.jsonl, bfcl:CATEGORY or procedural:SPLIT:N[:SEED]"),
+            Flag("output", None, "the augmented JSONL (appended to, resumable)", metavar="FILE"),
+            progress,
+        ]
+    workdir = Flag(
+        "workdir",
         None,
-        "an ml-collections config file[:arg]",
-        flag_values=flag_values,
-        sys_argv=full_argv,
+        "run directory (checkpoints, metrics, exports)",
+        metavar="DIR",
+        required=True,
     )
-    define_extra(flags, flag_values)
-    try:
-        flag_values(full_argv)
-    except flags.Error as err:
-        raise CommandLineError(str(err)) from err
-    if flag_values.config is None:
-        raise CommandLineError("--config=FILE[:ARG] is required")
-    return flag_values
+    return [workdir, progress]
 
 
-class CommandLineError(ValueError):
-    pass
-
-
-def _workdir_flags(flags, flag_values):
-    flags.DEFINE_string(
-        "workdir", None, "run directory (checkpoints, metrics, exports)", flag_values=flag_values
-    )
-    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=flag_values)
-
-
-def _train_command(command: str, argv: Sequence[str]) -> None:
+def _train(command: str, parsed: Any) -> None:
     """`cacherl sft|grpo|rft --config=configs/CMD.py:VARIANT [--config.FIELD=VALUE ...] --workdir=DIR`."""
-    flag_values = _parse_config_flags(command, argv, _workdir_flags)
-    if not flag_values.workdir:
-        raise CommandLineError("--workdir=DIR is required")
     if command == "sft":
         from cacherl_jax.train.sft import train
     elif command == "rft":
@@ -306,76 +298,71 @@ def _train_command(command: str, argv: Sequence[str]) -> None:
     else:
         from cacherl_jax.train.grpo import train
 
-    summary = train(flag_values.config, flag_values.workdir, progress=flag_values.progress)
+    summary = train(parsed.config, parsed.flags["workdir"], progress=parsed.flags["progress"])
     print(json.dumps(summary))
 
 
-def _plan(argv: Sequence[str]) -> None:
-    """`cacherl plan --config=configs/sft.py:qwen3_4b --cpu-devices=8 --device-memory-gb=80`."""
-
-    def extra(flags, flag_values):
-        flags.DEFINE_integer(
-            "cpu_devices",
-            8,
-            "simulated CPU devices standing in for the mesh",
-            flag_values=flag_values,
-        )
-        flags.DEFINE_float(
-            "device_memory_gb",
-            0.0,
-            "memory of one real device, to say whether it fits",
-            flag_values=flag_values,
-        )
-
-    flag_values = _parse_config_flags("plan", argv, extra)
+def _plan(parsed: Any) -> None:
+    """`cacherl plan --config=configs/sft.py:qwen3_4b --cpu_devices=8 --device_memory_gb=80`."""
     import jax
 
-    jax.config.update("jax_num_cpu_devices", flag_values.cpu_devices)
+    jax.config.update("jax_num_cpu_devices", parsed.flags["cpu_devices"])
     from cacherl_jax.train import plan
 
-    result = plan.plan(flag_values.config, devices=jax.devices("cpu"))
-    print(plan.format_plan(result, flag_values.device_memory_gb or None))
+    result = plan.plan(parsed.config, devices=jax.devices("cpu"))
+    print(plan.format_plan(result, parsed.flags["device_memory_gb"] or None))
     print(json.dumps(result | {"model": result["model"]["hidden_size"]}))
 
 
 def _augment(argv: Sequence[str]) -> None:
     from cacherl_jax.data.thinking import augment_main
 
-    augment_main(argv)  # prints its own errors and exits 2 (130 after Ctrl-C)
+    # augment_main parses the (already checked) flags again; it prints its own errors and exits
+    # 2 (130 after Ctrl-C or SIGTERM, the output consistent for a rerun).
+    augment_main(argv)
 
 
-CONFIG_COMMANDS = {
-    "augment": _augment,
-    "sft": lambda argv: _train_command("sft", argv),
-    "grpo": lambda argv: _train_command("grpo", argv),
-    "rft": lambda argv: _train_command("rft", argv),
-    "plan": _plan,
-}
+def _config_command(command: str, argv: Sequence[str]) -> Callable[[], None] | None:
+    """Parses a config command's flags; None after printing its `--help`."""
+    from cacherl_jax import config_flags
+
+    line, example = CONFIG_COMMANDS[command]
+    flags = _config_flags(command)
+    parsed = config_flags.parse(command, argv, flags, summary=line, example=example)
+    if parsed is None:
+        return None
+    if command == "plan":
+        return lambda: _plan(parsed)
+    if command == "augment":
+        return lambda: _augment(argv)
+    return lambda: _train(command, parsed)
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def _prepare(argv: list[str]) -> Callable[[], None] | None:
+    """The chosen command, its flags parsed, ready to run; None when only help was asked for."""
+    if argv and argv[0] in CONFIG_COMMANDS:
+        return _config_command(argv[0], argv[1:])
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    return lambda: args.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] in XLA_COMMANDS:
-        restart_with_huge_pages()  # only as the process's entry point: this replaces the process
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in CONFIG_COMMANDS:
-        command, run = argv[0], lambda: CONFIG_COMMANDS[argv[0]](argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
-        command, run = args.command, lambda: args.run(args)
-    full_float32_matmuls()
+    command = argv[0] if argv else ""
+    from cacherl_jax.errors import UserError
+
     try:
+        run = _prepare(argv)
+        if run is None:
+            return 0
+        from cacherl_jax.precision import full_float32_matmuls
+
+        full_float32_matmuls()
         run()
-    except (
-        CommandLineError,
-        CheckpointError,
-        ShardingError,
-        TokenizerError,
-        TrajectoryError,
-        TrainingError,
-        ToolCacheError,
-        EvalError,
-        BfclError,
-    ) as err:
+    except UserError as err:
         print(f"cacherl {command}: error: {err}", file=sys.stderr)
         return 2
     return 0

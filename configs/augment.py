@@ -17,13 +17,13 @@ command line.
 
 import ml_collections
 
+from configs import common
+
 VARIANTS = ("template", "endpoint", "local")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "template"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown augment variant {variant!r}; choose one of {VARIANTS}")
+    variant = common.variant("augment", arg, VARIANTS)
 
     config = ml_collections.ConfigDict()
     config.variant = variant

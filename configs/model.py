@@ -1,4 +1,4 @@
-"""Which Qwen3 to build and the mesh it runs on; other configs build on this one.
+"""Which Qwen3 to build and the mesh it runs on.
 
     python -c "from configs.model import get_config; print(get_config('qwen3_0.6b'))"
 
@@ -12,16 +12,15 @@ import dataclasses
 import ml_collections
 
 from cacherl_jax.model import presets
+from configs import common
+
+VARIANTS = tuple(presets.PRESETS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    name = arg or "tiny"
+    name = common.variant("model", arg, VARIANTS)
     config = ml_collections.ConfigDict()
     config.name = name
     config.model = dataclasses.asdict(presets.preset(name))
-    # Mesh axes; -1 takes the remaining devices. parallel.DEFAULT_RULES maps logical axes onto them.
-    config.mesh = dict(data=1, fsdp=-1, tensor=1)
-    config.distributed = dict(
-        enabled=False, coordinator_address=None, num_processes=None, process_id=None
-    )
+    config.mesh = common.mesh()
     return config

@@ -12,71 +12,64 @@ overridden on the command line; the resolved config is written to the workdir.
 
 import ml_collections
 
+from configs import common
+
 VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown sft variant {variant!r}; choose one of {VARIANTS}")
-    tiny = variant == "tiny"
+    variant = common.variant("sft", arg, VARIANTS)
 
     config = ml_collections.ConfigDict()
     config.variant = variant
     config.seed = 0
-    # Mesh axes (-1: the remaining devices); parallel.DEFAULT_RULES maps model axes onto them.
-    config.mesh = dict(data=1, fsdp=-1, tensor=1)
-    config.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
+    config.mesh = common.mesh()
+    config.distributed = common.distributed()
 
-    config.model = ml_collections.ConfigDict()
+    config.model = common.model()
     config.model.preset = variant  # shape used when no checkpoint is given (random init)
-    config.model.checkpoint = ""  # a Hugging Face Qwen3 directory to start from
-    config.model.compute_dtype = "float32" if tiny else "bfloat16"
-    config.model.param_dtype = "float32"
-    config.model.remat = not tiny
-    config.model.unroll_layers = (
-        tiny  # faster backward on CPU; a scan compiles faster for deep models
-    )
 
     config.tokenizer = ml_collections.ConfigDict()
     # "qwen3", a tokenizer directory, or "" to train a byte-level BPE on the training data.
-    config.tokenizer.spec = "" if tiny else "qwen3"
+    config.tokenizer.spec = "qwen3"
     config.tokenizer.train_vocab_size = 1024
 
     config.data = ml_collections.ConfigDict()
     config.data.train = ""  # trajectories JSONL (required)
     config.data.on_error = "raise"  # or "skip": malformed records are reported by file:line:field
-    config.data.seq_len = 512 if tiny else 4096
-    config.data.batch_size = 8 if tiny else 32
+    config.data.seq_len = 4096
+    config.data.batch_size = 32
     config.data.shuffle = True
     config.data.overflow = "truncate"  # or "skip": sequences longer than seq_len
     config.data.enable_thinking = ml_collections.FieldReference(None, field_type=bool)
     config.data.train_on = "all"  # or "last": only the final assistant message
     config.data.train_thinking = True
 
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = 1500 if tiny else 2000
-    config.train.lr = 4e-3 if tiny else 1e-5
-    config.train.warmup_steps = 50 if tiny else 100
-    config.train.schedule = "cosine"  # or "linear"
-    config.train.end_lr_ratio = 0.1
-    config.train.weight_decay = 0.0 if tiny else 0.01
-    config.train.b1 = 0.9
-    config.train.b2 = 0.95
-    config.train.eps = 1e-8
-    config.train.max_grad_norm = 1.0
-    config.train.grad_accum = 1
-    config.train.thinking_weight = 1.0
-    config.train.loss_chunk_size = 2048
-    config.train.log_every = 10
-    config.train.checkpoint_every = 200 if tiny else 500
-    config.train.keep_checkpoints = 2
-    config.train.async_checkpoints = True
-    config.train.export_hf = True
-    config.train.log_example_ids = False  # debugging/tests: which examples each step consumed
-
-    config.lora = ml_collections.ConfigDict()
-    config.lora.rank = 0 if tiny else 128  # 0: full fine-tuning
-    config.lora.alpha = 256.0
-    config.lora.targets = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    config.train = common.train(
+        steps=2000,
+        lr=1e-5,
+        warmup_steps=100,
+        end_lr_ratio=0.1,
+        weight_decay=0.01,
+        b2=0.95,
+        thinking_weight=1.0,
+        loss_chunk_size=2048,
+        log_every=10,
+        checkpoint_every=500,
+        log_example_ids=False,  # debugging/tests: which examples each step consumed
+    )
+    config.lora = common.lora()
+    if variant == "tiny":
+        _tiny(config)
     return config
+
+
+def _tiny(config: ml_collections.ConfigDict) -> None:
+    """CPU scale: the tiny model trained from scratch on its own tokenizer, fully fine-tuned."""
+    config.model.update(common.CPU_MODEL)
+    config.tokenizer.spec = ""  # train a BPE on the training data
+    config.data.update(seq_len=512, batch_size=8)
+    config.train.update(
+        steps=1500, lr=4e-3, warmup_steps=50, weight_decay=0.0, checkpoint_every=200
+    )
+    config.lora.rank = 0  # full fine-tuning

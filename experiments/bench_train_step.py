@@ -1,18 +1,16 @@
 """One SFT step (forward, backward, clipping, AdamW) of our trainer against transformers + torch.
 
     .venv/bin/python experiments/bench_train_step.py [--batch 8] [--seq-len 512] [--repeats 5]
-        [--no-huge-pages]
 
 Model: Qwen3 with vocab 8192, hidden 512, MLP 1536, 8 layers, 8 heads (4 KV), head_dim 64, tied
 embeddings, float32, the same random weights on both sides. Each side runs in its own subprocess
 so its peak resident memory is its own. MFU is measured against a float32 matmul peak that this
 script measures with JAX in the same run: the fastest of 2048^3 matmuls timed 5 times before the
 steps and 3 times after each; `mfu_same_load` instead compares each step with the best matmul
-timed right after it (median over the steps). Our side runs as `cacherl sft` does, with glibc's
-malloc backing large blocks with transparent huge pages (`host_memory.huge_pages_environment`;
-`--no-huge-pages`: glibc's default); transformers runs as plain Python does (given huge pages
-too, it measured 655-698 tokens/s against 717-725 without). Prints a table, then one JSON line
-with `ratio` (ours / transformers tokens per second) and `mfu`.
+timed right after it (median over the steps). Both sides run in one environment, this
+process's without any `glibc.malloc.hugetlb` tunable: neither side's malloc uses huge pages (other
+`GLIBC_TUNABLES` are kept and reported). Prints a table, then one JSON line with `ratio` (ours /
+transformers tokens per second) and `mfu`.
 """
 
 from __future__ import annotations
@@ -202,9 +200,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--no-huge-pages", action="store_true", help="our side with glibc's default malloc too"
-    )
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,15 +211,15 @@ def main() -> None:
 
     from cacherl_jax import reference
     from cacherl_jax.model import presets
-    from cacherl_jax.train.host_memory import HUGE_PAGES_TUNABLE, huge_pages_environment
 
     config = presets.preset(MODEL)
-    # Each side as its users run it: ours as `cacherl sft` does, transformers as plain Python.
-    environ = {**os.environ, "TQDM_DISABLE": "1"}
-    environs = {"jax": environ, "torch": environ}
-    if not args.no_huge_pages:
-        environs["jax"] = huge_pages_environment(environ) or environ
-    huge_pages = HUGE_PAGES_TUNABLE in environs["jax"].get("GLIBC_TUNABLES", "")
+    # One environment for both sides, so neither gets malloc settings the other lacks.
+    tunables = ":".join(
+        tunable
+        for tunable in os.environ.get("GLIBC_TUNABLES", "").split(":")
+        if tunable and not tunable.startswith("glibc.malloc.hugetlb=")
+    )
+    environ = {**os.environ, "TQDM_DISABLE": "1", "GLIBC_TUNABLES": tunables}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_random_hf_checkpoint(config, tmp)
@@ -248,7 +243,7 @@ def main() -> None:
                 check=True,
                 capture_output=True,
                 text=True,
-                env=environs[side],
+                env=environ,
             )
             results[side] = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -260,8 +255,10 @@ def main() -> None:
     import jax
 
     where = jax.devices()[0].device_kind if _on_gpu() else f"{os.cpu_count()} CPU cores"
-    pages = "ours with huge pages" if huge_pages else "glibc's default malloc"
-    print(f"SFT step, Qwen3 {MODEL} float32, batch {args.batch} x {args.seq_len}, {where}, {pages}")
+    malloc = f"GLIBC_TUNABLES={tunables}" if tunables else "glibc's default malloc"
+    print(
+        f"SFT step, Qwen3 {MODEL} float32, batch {args.batch} x {args.seq_len}, {where}, {malloc}"
+    )
     print(f"{'':<26} {'ours (JAX)':>12} {'transformers':>14}")
     print(f"{'tokens/s':<26} {ours_tps:>12.0f} {theirs_tps:>14.0f}")
     print(f"{'seconds/step':<26} {ours['seconds']:>12.3f} {theirs['seconds']:>14.3f}")
@@ -292,7 +289,7 @@ def main() -> None:
                 "xla_planned_gib": round(ours["xla_bytes_gib"], 3),
                 "page_faults_per_step": round(ours["page_faults_per_step"]),
                 "device": where,
-                "huge_pages": huge_pages,
+                "glibc_tunables": tunables,
                 "peak_device_gib": round(ours["peak_device_gib"], 3),
                 "peak_device_gib_transformers": round(theirs["peak_device_gib"], 3),
             }

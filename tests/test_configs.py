@@ -1,14 +1,68 @@
-"""The model presets in configs/model.py build the official Qwen3 shapes."""
+"""The experiment configs: every variant loads as `--config=` loads it, the launch commands in
+their docstrings parse, unknown variants name the nearest, and the model presets build the
+official Qwen3 shapes."""
+
+import re
+import shlex
+from pathlib import Path
 
 import jax
 import pytest
 
-from cacherl_jax import parallel
+from cacherl_jax import cli, config_flags, parallel
 from cacherl_jax.model import Qwen3Config, abstract_params, param_shapes, presets
+from configs import augment, grpo, rft, sft
 from configs import model as model_configs
 
+CONFIGS = Path(model_configs.__file__).parent
+MODULES = {"sft": sft, "grpo": grpo, "rft": rft, "augment": augment, "model": model_configs}
 # Non-embedding parameter counts from the Qwen3 model cards (0.44B, 1.4B, 3.6B).
 NON_EMBEDDING = {"qwen3_0.6b": 0.44e9, "qwen3_1.7b": 1.4e9, "qwen3_4b": 3.6e9}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_variant_loads_as_the_command_line_loads_it(name):
+    module = MODULES[name]
+    default = config_flags.load_config(str(CONFIGS / f"{name}.py"))
+    for variant in module.VARIANTS:
+        loaded = config_flags.load_config(f"{CONFIGS / name}.py:{variant}")
+        assert loaded.to_dict() == module.get_config(variant).to_dict()
+    assert default.to_dict() == module.get_config(module.VARIANTS[0]).to_dict()
+
+
+def _launch_commands(docstring: str) -> list[list[str]]:
+    """The `cacherl ...` commands of a docstring, continuation lines joined."""
+    text = docstring.replace("\\\n", " ")
+    return [shlex.split(line) for line in re.findall(r"^\s*(cacherl \S+ --config=.*)$", text, re.M)]
+
+
+@pytest.mark.parametrize("name", ["sft", "grpo", "rft", "augment"])
+def test_the_launch_commands_in_a_docstring_parse(name, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    commands = _launch_commands(MODULES[name].__doc__)
+    assert commands, f"configs/{name}.py's docstring shows no launch command"
+    for _, command, *argv in commands:
+        assert command == name
+        flags = cli._config_flags(command)
+        parsed = config_flags.parse(command, argv, flags, summary="", example="")
+        assert parsed.config.variant in MODULES[name].VARIANTS
+
+
+UNKNOWN_VARIANTS = [
+    ("sft", "tyni", "tiny"),
+    ("grpo", "qwen3_4B", "qwen3_4b"),
+    ("rft", "qwen3_1.7", "qwen3_1.7b"),
+    ("augment", "endpiont", "endpoint"),
+    ("model", "bench29m", "bench_29m"),
+]
+
+
+@pytest.mark.parametrize(("name", "typo", "nearest"), UNKNOWN_VARIANTS)
+def test_an_unknown_variant_names_the_nearest(name, typo, nearest):
+    with pytest.raises(
+        ValueError, match=rf"unknown {name} variant '{typo}'; did you mean '{nearest}'"
+    ):
+        MODULES[name].get_config(typo)
 
 
 @pytest.mark.parametrize("name", sorted(presets.PRESETS))
@@ -28,8 +82,3 @@ def test_official_shapes_have_the_published_sizes(name):
     shapes = param_shapes(qwen3)
     non_embedding = sum(x.size for x in jax.tree.leaves(shapes)) - shapes["embed"].size
     assert abs(non_embedding - NON_EMBEDDING[name]) / NON_EMBEDDING[name] < 0.03
-
-
-def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown model 'qwen3_8b'"):
-        model_configs.get_config("qwen3_8b")

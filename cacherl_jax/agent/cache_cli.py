@@ -1,9 +1,9 @@
 """`cacherl cache build|stats|lookup`: the tool cache on the command line.
 
 `register_cli(commands)` adds the `cache` command to `cacherl`'s subparsers; each subcommand sets
-`run` to a function of the parsed arguments that raises `ToolCacheError` (or `TrajectoryError`)
-for bad input, which the caller turns into one line on stderr and exit code 2. `main` does the
-same on its own: `python -m cacherl_jax.agent.cache_cli stats --db cache.db`.
+`run` to a function of the parsed arguments that raises a `UserError` (`ToolCacheError`,
+`TrajectoryError`) for bad input, which the caller turns into one line on stderr and exit code 2.
+`main` does the same on its own: `python -m cacherl_jax.agent.cache_cli stats --db cache.db`.
 """
 
 from __future__ import annotations
@@ -158,15 +158,14 @@ def register_cli(commands: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`cacherl cache ...` on its own (what cacherl's main does for this command)."""
-    from cacherl_jax.agent.tool_cache import ToolCacheError
-    from cacherl_jax.chat.trajectory import TrajectoryError
+    from cacherl_jax.errors import UserError
 
     parser = argparse.ArgumentParser(prog="cacherl")
     register_cli(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ToolCacheError, TrajectoryError) as err:
+    except UserError as err:
         print(f"cacherl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
