@@ -1,21 +1,16 @@
-"""The three-tier tool cache: canonical keys, tier semantics, nearest-entry search against brute
-force, scopes, persistence and bad files, several writing processes, building from trajectories,
-and `cacherl cache` on the command line."""
+"""The three-tier tool cache's public behaviour: tier semantics, statistics, scopes, persistence
+and bad files, several writing processes, building from trajectories, and `cacherl cache` on the
+command line. Keys and similarity: test_tool_cache_keys.py; the nearest-entry search and its
+indexes: test_tool_cache_search.py."""
 
 import json
 import multiprocessing
 import random
 import sqlite3
-import string
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from rapidfuzz import fuzz
-from rapidfuzz.distance import Levenshtein
 
 from cacherl_jax.agent import cache_cli
-from cacherl_jax.agent import tool_cache as tc
 from cacherl_jax.agent.tool_cache import (
     CacheHit,
     ToolCache,
@@ -25,7 +20,6 @@ from cacherl_jax.agent.tool_cache import (
     argument_similarity,
     build_from_trajectories,
     canonical_key,
-    canonical_value,
 )
 from cacherl_jax.chat.trajectory import Trajectory, write_jsonl
 
@@ -36,78 +30,6 @@ WEATHER = {"city": "San Francisco", "unit": "celsius", "days": 3}
 def cache(tmp_path):
     with ToolCache(tmp_path / "cache.db") as opened:
         yield opened
-
-
-# --- canonical keys ----------------------------------------------------------------------------
-
-
-def test_key_order_and_number_format_give_one_exact_key():
-    assert canonical_key({"a": 1, "b": 2}) == canonical_key({"b": 2, "a": 1.0})
-    assert canonical_key({"a": 1, "b": 2}) == canonical_key('{"b": 2, "a": 1.0}')  # JSON text
-    assert canonical_key({"x": -0.0}) == canonical_key({"x": 0})
-    assert canonical_key({"x": 1.5}) != canonical_key({"x": 1})
-    assert canonical_key({"x": True}) != canonical_key({"x": 1})  # JSON booleans are not numbers
-    assert canonical_key({"x": "1"}) != canonical_key({"x": 1})
-    assert canonical_key(None) == canonical_key({}) == "{}"
-
-
-def test_strings_are_trimmed_and_whitespace_collapsed_in_nested_values():
-    messy = {"q": {"b": [" New   York ", 2.0], "a": "x\t\ny"}, "n": "caf\u0065\u0301"}
-    clean = {"n": "caf\u00e9", "q": {"a": "x y", "b": ["New York", 2]}}
-    assert canonical_key(messy) == canonical_key(clean)
-    assert canonical_value(messy) == clean
-    assert canonical_key({"Q": 1}) != canonical_key({"q": 1})  # argument names are exact
-
-
-def test_bad_arguments_are_clear_errors():
-    with pytest.raises(ToolCacheError, match="not valid JSON"):
-        canonical_key("{oops")
-    with pytest.raises(ToolCacheError, match="must be a JSON object"):
-        canonical_key("[1, 2]")
-    with pytest.raises(TypeError, match="not a JSON value"):
-        canonical_key({"x": object()})
-
-
-_json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(10**12), 10**12)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12)
-)
-_json_values = st.recursive(
-    _json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-
-
-def _rewritten(value, rng: random.Random):
-    """The same value written differently: shuffled keys, ints as floats, padded strings."""
-    if isinstance(value, dict):
-        items = [(key, _rewritten(item, rng)) for key, item in value.items()]
-        rng.shuffle(items)
-        return dict(items)
-    if isinstance(value, list):
-        return [_rewritten(item, rng) for item in value]
-    if isinstance(value, str):
-        return " " + value.replace(" ", "  ") + "\n"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value) if abs(value) < 2**53 else value
-    return value
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.dictionaries(st.text(max_size=6), _json_values, max_size=4), st.integers(0, 2**32))
-def test_canonical_key_ignores_formatting_and_is_idempotent(arguments, seed):
-    key = canonical_key(arguments)
-    assert canonical_key(_rewritten(arguments, random.Random(seed))) == key
-    assert canonical_key(json.loads(key)) == key  # the stored key reads back as itself
-    assert canonical_key(json.dumps(arguments)) == key
-    # The key is plain compact JSON with sorted keys (the fast writer matches the json module).
-    assert key == json.dumps(canonical_value(arguments), sort_keys=True, separators=(",", ":"))
 
 
 # --- tiers -------------------------------------------------------------------------------------
@@ -237,221 +159,6 @@ def test_first_recorded_result_wins_and_conflicts_are_counted(cache):
         cache.record("f", {"a": 2}, {"not": "text"})
 
 
-# --- nearest-entry search against brute force ---------------------------------------------------
-
-
-def _random_calls(rng: random.Random, count: int) -> list[dict]:
-    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(60)]
-    calls = []
-    for _ in range(count):
-        call = {
-            "query": " ".join(rng.choices(words, k=rng.randint(1, 4))),
-            "limit": rng.randint(0, 500),
-            "price": round(rng.uniform(-50, 500), 2),
-            "mode": rng.choice(["fast", "slow", "exact"]),
-        }
-        calls.append({k: v for k, v in call.items() if k != "price" or rng.random() < 0.7})
-    return calls
-
-
-def _perturb(rng: random.Random, call: dict) -> dict:
-    out = dict(call)
-    name = rng.choice(["query", "limit"])
-    if name == "query":
-        text = out["query"]
-        position = rng.randrange(len(text))
-        out["query"] = text[:position] + rng.choice("xyz") + text[position + 1 :]
-    else:
-        out["limit"] += rng.choice([-3, -1, 1, 2])
-    return out
-
-
-def _brute_force_best(calls: list[dict], query: dict) -> float:
-    canonical = canonical_value(query)
-    same_names = [canonical_value(c) for c in calls if set(c) == set(query)]
-    return max(argument_similarity(canonical, call) for call in same_names)
-
-
-@pytest.mark.parametrize(
-    "indexed, vectorise_above",
-    [(False, 24), (True, 10**9), (True, 0)],
-    ids=["scored-whole", "indexed", "indexed-numpy"],
-)
-def test_search_finds_the_brute_force_nearest_entry(
-    tmp_path, monkeypatch, indexed, vectorise_above
-):
-    if indexed:  # force every search step, the indexes and their rebuilds on a small cache
-        monkeypatch.setattr(tc, "FULL_SCORE_MAX_ENTRIES", 0)
-        monkeypatch.setattr(tc, "SMALL_VOCABULARY", 8)
-        monkeypatch.setattr(tc, "REBUILD_AFTER", 16)
-        monkeypatch.setattr(tc, "FEW_SHARING", 2)
-        monkeypatch.setattr(tc, "SHORTCUT_ENTRIES", 4)
-        monkeypatch.setattr(tc, "VECTORISE_ABOVE", vectorise_above)  # Python or numpy scoring
-    else:
-        monkeypatch.setattr(tc, "FULL_SCORE_MAX_ENTRIES", 10**9)
-    rng = random.Random(0)
-    calls = _random_calls(rng, 400)
-    cache = ToolCache(tmp_path / "cache.db")
-    cache.record_many(
-        [ToolRecord("search", call, f"result {i}") for i, call in enumerate(calls[:300])]
-    )
-    cache.lookup("search", _perturb(rng, calls[0]))  # builds the indexes ...
-    cache.record_many(
-        [ToolRecord("search", call, f"result {i}") for i, call in enumerate(calls[300:], 300)]
-    )
-    stored = calls  # ... which then hold 100 entries recorded after them
-
-    found = 0
-    queries = [_perturb(rng, rng.choice(stored)) for _ in range(150)]
-    for query in queries:
-        hit = cache.lookup("search", query)
-        best = _brute_force_best(stored, query)
-        assert hit.score <= best + 1e-9
-        assert hit.score == pytest.approx(
-            argument_similarity(canonical_value(query), hit.entry.arguments)
-        )
-        if canonical_key(query) in {canonical_key(call) for call in stored}:
-            assert hit.tier == "exact"  # a perturbation can land on another recorded call
-        else:
-            threshold = cache.config.fuzzy_threshold
-            assert hit.tier == ("fuzzy" if hit.score >= threshold else "best_effort")
-        found += abs(hit.score - best) < 1e-9
-    if indexed:  # an index search may miss the nearest entry, rarely; scored whole, never
-        assert found >= 0.95 * len(queries)
-    else:
-        assert found == len(queries)
-    unrelated = {"query": "qqqq", "limit": 10**6, "mode": "none"}
-    hit = cache.lookup("search", unrelated)
-    assert hit.tier == "best_effort" and hit.entry is not None
-    if not indexed:
-        assert hit.score == pytest.approx(_brute_force_best(stored, unrelated))
-
-
-def test_edit_hashes_of_numpy_and_python_agree():
-    rng = random.Random(1)
-    alphabet = "ab c\u00e9\U0001f600\x00"
-    texts = ["", "a", *("".join(rng.choices(alphabet, k=rng.randint(0, 12))) for _ in range(500))]
-    hashes, owner = tc._edit_hash_array(texts)
-    for index, text in enumerate(texts):
-        python = tc._edit_hashes(text)
-        assert sorted(hashes[owner == index].tolist()) == sorted(python)
-        # Deleting character j gives the hash of the text without it.
-        for j in range(len(text)):
-            assert python[1 + j] == tc._edit_hashes(text[:j] + text[j + 1 :])[0]
-
-
-def _column(values):
-    column = tc._Column()
-    for value in values:
-        column.add(*tc._value(canonical_value(value)))
-    return column
-
-
-@pytest.mark.parametrize("max_length", [64, 5])  # 5: longer values are left out of the index
-def test_edit_neighbours_bound_every_value_they_do_not_return(monkeypatch, max_length):
-    """Every value within one edit is returned, and no value left out beats the bound: checked
-    against fuzz.ratio of every value, on a dense column (a 3-letter alphabet)."""
-    monkeypatch.setattr(tc, "EDIT_MAX_LENGTH", max_length)
-    rng = random.Random(2)
-    values = {"".join(rng.choices("abc", k=rng.randint(1, 8))) for _ in range(400)}
-    column = _column([*sorted(values), True, None])  # booleans, null: never text neighbours
-    added = ["abcabcab", "cc", "bacab"]  # after the index is built: compared directly
-    column.edit_neighbours("abc")
-    for value in added:
-        column.add(*tc._value(value))
-    for _ in range(200):
-        query = "".join(rng.choices("abc", k=rng.randint(1, max_length)))
-        found, bound = column.edit_neighbours(query)
-        for value_id, text in enumerate(column.texts):
-            if column.kinds[value_id] == tc._EXACT_ONLY:
-                assert value_id not in found
-                continue
-            score = fuzz.ratio(query, text)
-            if value_id in found:
-                assert found[value_id] == score
-            else:
-                assert score <= bound + 1e-9, (query, text, score, bound)
-                if len(text) <= max_length and abs(len(text) - len(query)) <= 1:
-                    assert Levenshtein.distance(query, text) > 1, (query, text)
-
-
-def test_number_neighbours_bound_every_value_they_do_not_return():
-    rng = random.Random(3)
-    values = [
-        0,
-        -5,
-        5,
-        1e-9,
-        *(round(rng.uniform(-1000, 1000), rng.randint(0, 3)) for _ in range(500)),
-    ]
-    column = _column(values)
-    assert column.number_neighbours(float("inf")) is None
-    for query in [0.0, -5.0, 2000.0, -2000.0, *(rng.uniform(-1100, 1100) for _ in range(100))]:
-        found, bound = column.number_neighbours(query)
-        for value_id, number in enumerate(column.numbers):
-            similarity = tc._number_similarity(query, number)
-            if value_id in found:
-                assert found[value_id] == pytest.approx(similarity)
-            else:
-                assert similarity <= bound
-
-
-def test_a_proven_neighbour_search_finds_the_brute_force_nearest_entry(tmp_path, monkeypatch):
-    """Step 2 of the search: when its best entry reaches the bound it must be the nearest."""
-    monkeypatch.setattr(tc, "FULL_SCORE_MAX_ENTRIES", 0)
-    rng = random.Random(4)
-    calls = [{k: v for k, v in c.items() if k != "price"} for c in _random_calls(rng, 300)]
-    cache = ToolCache(tmp_path / "cache.db")
-    cache.record_many([ToolRecord("search", call, f"r{i}") for i, call in enumerate(calls)])
-    cache.build_indexes()
-    proven = 0
-    for _ in range(300):
-        query = canonical_value(_perturb(rng, rng.choice(calls)))
-        if rng.random() < 0.3:  # both arguments changed: nothing recorded on either
-            query["mode"] = rng.choice(["fast", "slow", "exact"]) + "x"
-        block = cache._index[("", "search")].blocks[tuple(sorted(query))]
-        values = {name: tc._value(value) for name, value in sorted(query.items())}
-        recorded = {
-            name: block.columns[name].vocabulary[value[0]]
-            for name, value in values.items()
-            if value[0] in block.columns[name].vocabulary
-        }
-        upper, local_ids = block._neighbour_candidates(values, recorded, {})
-        if len(recorded) == len(values) or not local_ids:
-            continue
-        known = {name: {value_id: 100.0} for name, value_id in recorded.items()}
-        total, _ = block._best(values, local_ids, known)
-        if total >= upper - 1e-9:
-            proven += 1
-            assert total / len(values) == pytest.approx(_brute_force_best(calls, query))
-        hit = cache.lookup("search", query)
-        assert hit.score >= total / len(values) - 1e-9
-    assert proven >= 50
-
-
-def test_postings_follow_entries_added_after_they_were_built(monkeypatch):
-    monkeypatch.setattr(tc, "REBUILD_AFTER", 5)
-    rng = random.Random(5)
-    column = tc._Column()
-    held: dict[str, list[int]] = {}
-    for local_id in range(60):
-        value = rng.choice("abcdefg")
-        column.add(value, tc._TEXT, value, float("nan"))
-        held.setdefault(value, []).append(local_id)
-        if local_id in (10, 13, 40):
-            column.build_postings()
-        for other, ids in held.items():
-            value_id = column.vocabulary[other]
-            assert list(column.postings(value_id)) == ids
-            assert column.count(value_id) == len(ids)
-
-
-def test_huge_integer_arguments_are_compared_as_text(cache):
-    cache.record("f", {"n": 10**400}, "big")
-    hit = cache.lookup("f", {"n": 10**400 + 1})
-    assert hit.tier == "fuzzy" and hit.result == "big"
-
-
 # --- scopes ------------------------------------------------------------------------------------
 
 
@@ -490,22 +197,6 @@ def test_config_from_an_ml_collections_config_dict(tmp_path):
 
 
 # --- persistence and bad files -----------------------------------------------------------------
-
-
-def test_reopened_cache_gives_the_same_hits(tmp_path):
-    path = tmp_path / "cache.db"
-    rng = random.Random(1)
-    calls = _random_calls(rng, 120)
-    queries = [c for c in calls[:20]] + [_perturb(rng, c) for c in calls[20:60]]
-    queries += [{"query": "zzz", "limit": 7, "mode": "x"}, {"other": 1}]
-    with ToolCache(path) as first:
-        first.record_many([ToolRecord("search", c, f"r{i}\n\u00e9") for i, c in enumerate(calls)])
-        before = [first.lookup("search", q) for q in queries] + [first.lookup("nope", {})]
-    with ToolCache(path, create=False) as second:
-        after = [second.lookup("search", q) for q in queries] + [second.lookup("nope", {})]
-        assert len(second) == len(calls)
-    assert after == before
-    assert {hit.tier for hit in after} == {"exact", "fuzzy", "best_effort"}
 
 
 def test_refresh_sees_entries_other_connections_wrote(tmp_path):
@@ -756,37 +447,10 @@ def test_bfcl_ground_truth_replays_as_exact_byte_identical_hits(tmp_path):
     for task_id, calls in replay.items():
         first_results = {}
         for call in calls:
-            first_results.setdefault(tc.canonical_key(call.arguments) + call.name, call.result.text)
+            first_results.setdefault(canonical_key(call.arguments) + call.name, call.result.text)
             hit = cache.lookup(call.name, call.arguments, scope=task_id)
             assert hit.tier == "exact", (task_id, call.name)
-            assert hit.result == first_results[tc.canonical_key(call.arguments) + call.name]
+            assert hit.result == first_results[canonical_key(call.arguments) + call.name]
             hits += 1
     assert hits == sum(len(c) for c in live.values()) > 300
     assert cache.stats()["exact"] == hits
-
-
-def test_stored_entries_and_indexed_vocabularies_leave_the_garbage_collector(tmp_path):
-    """A full collection must not walk the entries: at 1M entries five lists of them made every
-    one take ~0.1 s, inside whichever lookup triggered it. Stored as tuples of tuples (and each
-    indexed column's values as a tuple), the collector untracks them."""
-    import gc
-
-    entries = 3 * 4096 + 7
-    with ToolCache(tmp_path / "cache.db") as cache:
-        cache.record_many(
-            [ToolRecord("search", {"q": f"query {i}", "n": i}, f"r{i}") for i in range(entries)]
-        )
-        cache.lookup("search", {"q": "query 12x", "n": -5})  # builds the indexes it searches
-        gc.collect()
-        store = cache._entries
-        assert len(store) == entries and len(store.chunks) == 3
-        assert store[5] == tuple(cache._entry(5)) and store[entries - 1][4] == f"r{entries - 1}"
-        assert [row[4] for row in store][4095:4097] == ["r4095", "r4096"]
-        assert not any(gc.is_tracked(chunk) for chunk in store.chunks)
-        assert not gc.is_tracked(store[0]) and not gc.is_tracked(store[entries - 1])
-        (block,) = cache._index[("", "search")].blocks.values()
-        texts = block.columns["q"].texts
-        assert type(texts) is tuple and len(texts) == entries and not gc.is_tracked(texts)
-        cache.record("search", {"q": "a new one", "n": -1}, "new")  # the vocabulary grows again
-        assert cache.lookup("search", {"q": "a new one", "n": -1}).result == "new"
-        assert cache.lookup("search", {"q": "a new on", "n": -1}).result == "new"
