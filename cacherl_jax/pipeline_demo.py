@@ -12,9 +12,11 @@ cache, `report.md` (the stage table) with `stages.json`, and plots of the GRPO r
 tier, tier hit rates, KL, response length). Sized for ~15 minutes on 2 CPU cores; every size is
 a flag.
 
-`run()`'s keyword options also run the ablations of `experiments/reproduce_paper.py`: without the
-teacher's reasoning, without thinking, with GRPO config overrides (exact-only cache, fixed-weight
-reward, no KL), SFT only, and an SFT stage reused from another run.
+`run()` reads as its steps: `prepare_data` (or `reuse_sft`), `train_sft`, `configure_grpo`,
+`evaluate_base_and_sft`, `train_grpo`, `write_report`. Its keyword options also run the CPU smoke
+ablation of `experiments/reproduce_paper.py`: without the teacher's reasoning, without thinking,
+with GRPO config overrides (exact-only cache, fixed-weight reward, no KL), SFT only, and an SFT
+stage reused from another run.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
 from cacherl_jax.chat import load_tokenizer
 from cacherl_jax.data.thinking import augment
 from cacherl_jax.eval.suite import evaluate_checkpoint
-from cacherl_jax.model import init_params, presets, save_hf_checkpoint
+from cacherl_jax.model import Qwen3Config, init_params, presets, save_hf_checkpoint
 from cacherl_jax.train import grpo, sft
 from cacherl_jax.train.metrics import read_metrics
 
@@ -228,6 +230,32 @@ def _final_grpo_eval(run_dir: Path, summary: dict[str, Any]) -> dict[str, float]
 EVAL_LOOPS = ("default", "grpo")
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoData:
+    """What the stages train and are evaluated on."""
+
+    train_path: Path  # trajectories: the SFT data, the GRPO task set and the cache's source
+    validation: list  # the validation tasks every stage is evaluated on
+    augment_summary: dict[str, Any] | None = None  # the teacher's run, when it added reasoning
+
+
+class _Stopwatch:
+    """Seconds per phase; a phase runs from the end of the one before it."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._last
+        self._last = now
+
+    def stop(self) -> dict[str, float]:
+        self.timings["total_s"] = time.perf_counter() - self.started
+        return self.timings
+
+
 def run(
     workdir: str | Path,
     *,
@@ -274,171 +302,68 @@ def run(
         raise ValueError(f"eval_loop must be one of {EVAL_LOOPS}, got {eval_loop!r}")
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    clock = _Stopwatch()
 
-    def lap(name, since):
-        timings[name] = time.perf_counter() - since
-        return time.perf_counter()
-
-    t = time.perf_counter()
-    augment_summary = None
-    sft_summary: dict[str, Any] = {}
     if sft_dir_reuse is None:
-        data = workdir / "data"
-        data.mkdir(exist_ok=True)
-        raw_path, train_path = data / "train.raw.jsonl", data / "train.jsonl"
-        tasks = generate_tasks("train", train_tasks, seed)
-        write_trajectories(raw_path, tasks, reasoning=False)
-        validation = generate_tasks("validation", val_tasks, seed)
-        _log(
-            f"{len(tasks)} reference trajectories -> {raw_path}; {len(validation)} validation tasks"
-        )
-        t = lap("data_s", t)
-
-        if reasoning:
-            # Knowledge transfer: reasoning for every step (the offline template teacher by
-            # default); without thinking every record is kept without it.
-            augment_config = load_config("augment", teacher)
-            augment_config.input.spec = str(raw_path)
-            augment_config.output = str(train_path)
-            if not thinking:
-                augment_config.rules.no_thinking_share = 1.0
-            augment_summary = augment(augment_config, progress=False)
-            _log(f"reasoning added ({teacher} teacher) -> {train_path}")
-            t = lap("augment_s", t)
-        else:
-            train_path = raw_path
-            _log(
-                f"no teacher reasoning: SFT on the reference trajectories as generated ({raw_path})"
-            )
-
-        # SFT (trains the tokenizer on the data first).
-        config = load_config("sft", "tiny")
-        config.seed = seed
-        config.data.train = str(train_path)
-        config.train.steps = sft_steps
-        config.train.checkpoint_every = max(sft_steps // 2, 1)
-        if not thinking:
-            config.data.enable_thinking = False
-        apply_overrides(config, sft_overrides, name="SFT config")
-        _log(
-            f"SFT: {config.train.steps} steps of {config.data.batch_size} x {config.data.seq_len} tokens"
+        data = prepare_data(
+            workdir / "data",
+            train_tasks,
+            val_tasks,
+            seed,
+            teacher=teacher,
+            reasoning=reasoning,
+            thinking=thinking,
+            clock=clock,
         )
         sft_dir = workdir / "sft"
-        sft_summary = _with_last_logged(sft_dir, sft.train(config, sft_dir, progress=True), "loss")
-        t = lap("sft_s", t)
+        sft_summary = train_sft(
+            sft_dir, data.train_path, sft_steps, seed, thinking=thinking, overrides=sft_overrides
+        )
+        clock.lap("sft_s")
     else:
         sft_dir = Path(sft_dir_reuse).absolute()
-        if not (sft_dir / "config.json").exists() or not (sft_dir / "hf" / "config.json").exists():
-            raise FileNotFoundError(
-                f"{sft_dir}: not a finished SFT run (needs config.json and hf/config.json)"
-            )
-        reused = json.loads((sft_dir / "config.json").read_text())
-        if reused.get("seed") != seed:
-            raise ValueError(f"{sft_dir}: SFT run of seed {reused.get('seed')}, not {seed}")
-        if (reused["data"].get("enable_thinking") is False) == thinking:
-            raise ValueError(
-                f"{sft_dir}: trained with data.enable_thinking="
-                f"{reused['data'].get('enable_thinking')}, which does not fit thinking={thinking}"
-            )
-        train_path = Path(reused["data"]["train"])
-        sft_summary = _with_last_logged(sft_dir, {"reused": str(sft_dir)}, "loss")
-        validation = generate_tasks("validation", val_tasks, seed)
-        _log(
-            f"SFT stage reused from {sft_dir} (data {train_path}); {len(validation)} validation tasks"
-        )
-        t = lap("data_s", t)
-    sft_hf = sft_dir / "hf"
+        data, sft_summary = reuse_sft(sft_dir, val_tasks, seed, thinking=thinking)
+        clock.lap("data_s")
 
-    # GRPO from the SFT checkpoint, tool calls answered by the cache built from the trajectories.
-    grpo_config = load_config("grpo", "tiny")
-    grpo_config.seed = seed
-    grpo_config.model.checkpoint = str(sft_hf)
-    grpo_config.cache.build_from = str(train_path)
-    grpo_config.tasks.source = "jsonl"
-    grpo_config.tasks.path = str(train_path)
-    grpo_config.tasks.n = 0
-    grpo_config.eval_tasks.n = val_tasks
-    grpo_config.eval_tasks.seed = seed
-    grpo_config.train.steps = grpo_steps
-    grpo_config.train.eval_every = 0
-    if not thinking:
-        grpo_config.loop.enable_thinking = False
-    apply_overrides(grpo_config, grpo_overrides, name="GRPO config")
-    if eval_loop == "grpo":
-        stage_loop = grpo.loop_config(grpo_config, evaluation=True)
-        grpo_config.eval_tasks.n = 0  # every stage is evaluated below, the same way
-    else:
-        stage_loop = (
-            None
-            if thinking
-            else LoopConfig(group_size=1, mode="live", temperature=0.0, enable_thinking=False)
-        )
-
-    # The base model: the same architecture and tokenizer, random weights.
-    tokenizer = load_tokenizer(sft_hf)
-    model = presets.preset("tiny").replace(vocab_size=tokenizer.vocab_size)
-    stages: dict[str, dict[str, float]] = {}
-    if eval_base:
-        base_hf = workdir / "base" / "hf"
-        if not (base_hf / "config.json").exists():
-            save_hf_checkpoint(model, init_params(model, jax.random.key(seed)), base_hf)
-            (base_hf / "tokenizer.json").write_bytes((sft_hf / "tokenizer.json").read_bytes())
-        _log("evaluating the base and SFT models (greedy, live tools)")
-        stages["base"] = evaluate_stage(base_hf, validation, seed, stage_loop, memo=eval_memo)
-    else:
-        _log("evaluating the SFT model (greedy, live tools)")
-    stages["sft"] = evaluate_stage(sft_hf, validation, seed, stage_loop, memo=eval_memo)
-    t = lap("eval_s", t)
+    grpo_config, stage_loop = configure_grpo(
+        sft_dir / "hf",
+        data,
+        val_tasks,
+        grpo_steps,
+        seed,
+        thinking=thinking,
+        overrides=grpo_overrides,
+        eval_loop=eval_loop,
+    )
+    model = base_model(sft_dir / "hf")
+    stages = evaluate_base_and_sft(
+        workdir,
+        model,
+        sft_dir / "hf",
+        data.validation,
+        seed,
+        stage_loop,
+        eval_base=eval_base,
+        memo=eval_memo,
+    )
+    clock.lap("eval_s")
 
     grpo_summary: dict[str, Any] = {}
     plots: list[Path] = []
     if run_grpo:
-        _log(
-            f"GRPO: {grpo_config.train.steps} steps x {grpo_config.grpo.tasks_per_step} tasks "
-            f"x G={grpo_config.loop.group_size}"
-        )
-        grpo_summary = _with_last_logged(
+        grpo_summary, stages["grpo"] = train_grpo(
             workdir / "grpo",
-            grpo.train(grpo_config, workdir / "grpo", progress=True),
-            "reward/total",
+            grpo_config,
+            data.validation,
+            seed,
+            stage_loop,
+            eval_loop=eval_loop,
+            memo=eval_memo,
+            clock=clock,
         )
-        if eval_loop == "grpo":
-            t = lap("grpo_s", t)
-            stages["grpo"] = evaluate_stage(
-                workdir / "grpo" / "hf", validation, seed, stage_loop, memo=eval_memo
-            )
-            t = lap("grpo_eval_s", t)
-        else:
-            stages["grpo"] = _final_grpo_eval(workdir / "grpo", grpo_summary)
-            t = lap("grpo_s", t)
         plots = plot_grpo(workdir / "grpo", workdir)
-    timings["total_s"] = time.perf_counter() - started
-    table = stage_table(stages)
-    summary_line = f"SFT final loss {sft_summary.get('loss', float('nan')):.4f}"
-    if run_grpo:
-        summary_line += (
-            f"; GRPO final reward {grpo_summary.get('reward/total', float('nan')):.3f} (training "
-            f"rollouts, cache tiers: exact {grpo_summary.get('tier/exact_fraction', 0):.2f}, fuzzy "
-            f"{grpo_summary.get('tier/fuzzy_fraction', 0):.2f}, best-effort "
-            f"{grpo_summary.get('tier/best_effort_fraction', 0):.2f})"
-        )
-    report = [
-        "# CacheRL in miniature",
-        "",
-        f"Procedural suite, tiny Qwen3 ({model.num_layers} layers, hidden {model.hidden_size}), "
-        f"{len(validation)} validation tasks evaluated greedily with live tools.",
-        "",
-        table,
-        "",
-        "Seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
-        "",
-        summary_line + ".",
-        "",
-        *[f"![{p.stem}]({p.name})" for p in plots],
-        "",
-    ]
+    timings = clock.stop()
+
     options = {
         "reasoning": reasoning,
         "thinking": thinking,
@@ -449,13 +374,257 @@ def run(
         "grpo_overrides": dict(grpo_overrides or {}),
         "eval_loop": eval_loop,
     }
-    (workdir / "report.md").write_text("\n".join(report))
+    report = write_report(
+        workdir, model, data, stages, timings, sft_summary, grpo_summary, plots, options
+    )
+    return {
+        "stages": stages,
+        "timings": timings,
+        "report": str(report),
+        "options": options,
+        "train_data": str(data.train_path),
+        "sft_summary": sft_summary,
+        "grpo_summary": grpo_summary,
+    }
+
+
+# --- the steps of `run` ------------------------------------------------------------------------
+
+
+def prepare_data(
+    data_dir: Path,
+    train_tasks: int,
+    val_tasks: int,
+    seed: int,
+    *,
+    teacher: str,
+    reasoning: bool,
+    thinking: bool,
+    clock: _Stopwatch,
+) -> DemoData:
+    """Reference trajectories of `train_tasks` procedural tasks and the validation tasks; with
+    `reasoning`, the teacher adds reasoning to every step (without `thinking` every record is kept
+    without it). Laps `data_s`, then `augment_s` when the teacher ran."""
+    data_dir.mkdir(exist_ok=True)
+    raw_path, train_path = data_dir / "train.raw.jsonl", data_dir / "train.jsonl"
+    tasks = generate_tasks("train", train_tasks, seed)
+    write_trajectories(raw_path, tasks, reasoning=False)
+    validation = generate_tasks("validation", val_tasks, seed)
+    _log(f"{len(tasks)} reference trajectories -> {raw_path}; {len(validation)} validation tasks")
+    clock.lap("data_s")
+    if not reasoning:
+        _log(f"no teacher reasoning: SFT on the reference trajectories as generated ({raw_path})")
+        return DemoData(raw_path, validation)
+
+    # Knowledge transfer: reasoning for every step (the offline template teacher by default).
+    augment_config = load_config("augment", teacher)
+    augment_config.input.spec = str(raw_path)
+    augment_config.output = str(train_path)
+    if not thinking:
+        augment_config.rules.no_thinking_share = 1.0
+    augment_summary = augment(augment_config, progress=False)
+    _log(f"reasoning added ({teacher} teacher) -> {train_path}")
+    clock.lap("augment_s")
+    return DemoData(train_path, validation, augment_summary)
+
+
+def train_sft(
+    sft_dir: Path,
+    train_path: Path,
+    sft_steps: int,
+    seed: int,
+    *,
+    thinking: bool,
+    overrides: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Masked SFT of the tiny model on `train_path` (`sft.train` trains the tokenizer on the data
+    first, and resumes a run it finds in `sft_dir`); returns its summary with the last loss."""
+    config = load_config("sft", "tiny")
+    config.seed = seed
+    config.data.train = str(train_path)
+    config.train.steps = sft_steps
+    config.train.checkpoint_every = max(sft_steps // 2, 1)
+    if not thinking:
+        config.data.enable_thinking = False
+    apply_overrides(config, overrides, name="SFT config")
+    steps, batch_size, seq_len = config.train.steps, config.data.batch_size, config.data.seq_len
+    _log(f"SFT: {steps} steps of {batch_size} x {seq_len} tokens")
+    return _with_last_logged(sft_dir, sft.train(config, sft_dir, progress=True), "loss")
+
+
+def reuse_sft(
+    sft_dir: Path, val_tasks: int, seed: int, *, thinking: bool
+) -> tuple[DemoData, dict[str, Any]]:
+    """The data and summary of a finished SFT run of the same seed and thinking setting, and this
+    seed's validation tasks."""
+    if not (sft_dir / "config.json").exists() or not (sft_dir / "hf" / "config.json").exists():
+        raise FileNotFoundError(
+            f"{sft_dir}: not a finished SFT run (needs config.json and hf/config.json)"
+        )
+    reused = json.loads((sft_dir / "config.json").read_text())
+    if reused.get("seed") != seed:
+        raise ValueError(f"{sft_dir}: SFT run of seed {reused.get('seed')}, not {seed}")
+    if (reused["data"].get("enable_thinking") is False) == thinking:
+        raise ValueError(
+            f"{sft_dir}: trained with data.enable_thinking="
+            f"{reused['data'].get('enable_thinking')}, which does not fit thinking={thinking}"
+        )
+    train_path = Path(reused["data"]["train"])
+    summary = _with_last_logged(sft_dir, {"reused": str(sft_dir)}, "loss")
+    validation = generate_tasks("validation", val_tasks, seed)
+    _log(f"SFT stage reused from {sft_dir} (data {train_path}); {len(validation)} validation tasks")
+    return DemoData(train_path, validation), summary
+
+
+def configure_grpo(
+    sft_hf: Path,
+    data: DemoData,
+    val_tasks: int,
+    grpo_steps: int,
+    seed: int,
+    *,
+    thinking: bool,
+    overrides: Mapping[str, Any] | None,
+    eval_loop: str,
+) -> tuple[ml_collections.ConfigDict, LoopConfig | None]:
+    """The GRPO run's config (from the SFT checkpoint, its tasks and tool cache built from the
+    training trajectories) and the loop every stage is evaluated with (None: the default one)."""
+    config = load_config("grpo", "tiny")
+    config.seed = seed
+    config.model.checkpoint = str(sft_hf)
+    config.cache.build_from = str(data.train_path)
+    config.tasks.source = "jsonl"
+    config.tasks.path = str(data.train_path)
+    config.tasks.n = 0
+    config.eval_tasks.n = val_tasks
+    config.eval_tasks.seed = seed
+    config.train.steps = grpo_steps
+    config.train.eval_every = 0
+    if not thinking:
+        config.loop.enable_thinking = False
+    apply_overrides(config, overrides, name="GRPO config")
+    if eval_loop == "grpo":
+        stage_loop = grpo.loop_config(config, evaluation=True)
+        config.eval_tasks.n = 0  # every stage is evaluated by `run`, the same way
+        return config, stage_loop
+    if thinking:
+        return config, None
+    return config, LoopConfig(group_size=1, mode="live", temperature=0.0, enable_thinking=False)
+
+
+def base_model(sft_hf: Path) -> Qwen3Config:
+    """The base model: the SFT model's architecture and tokenizer (random weights at init)."""
+    tokenizer = load_tokenizer(sft_hf)
+    return presets.preset("tiny").replace(vocab_size=tokenizer.vocab_size)
+
+
+def evaluate_base_and_sft(
+    workdir: Path,
+    model: Qwen3Config,
+    sft_hf: Path,
+    validation: list,
+    seed: int,
+    stage_loop: LoopConfig | None,
+    *,
+    eval_base: bool,
+    memo: bool,
+) -> dict[str, dict[str, float]]:
+    """The stages before GRPO: the base model (randomly initialised from `seed`, saved once under
+    `workdir/base/hf`) unless `eval_base` is False, and the SFT model."""
+    stages: dict[str, dict[str, float]] = {}
+    if eval_base:
+        base_hf = workdir / "base" / "hf"
+        if not (base_hf / "config.json").exists():
+            save_hf_checkpoint(model, init_params(model, jax.random.key(seed)), base_hf)
+            (base_hf / "tokenizer.json").write_bytes((sft_hf / "tokenizer.json").read_bytes())
+        _log("evaluating the base and SFT models (greedy, live tools)")
+        stages["base"] = evaluate_stage(base_hf, validation, seed, stage_loop, memo=memo)
+    else:
+        _log("evaluating the SFT model (greedy, live tools)")
+    stages["sft"] = evaluate_stage(sft_hf, validation, seed, stage_loop, memo=memo)
+    return stages
+
+
+def train_grpo(
+    grpo_dir: Path,
+    config: ml_collections.ConfigDict,
+    validation: list,
+    seed: int,
+    stage_loop: LoopConfig | None,
+    *,
+    eval_loop: str,
+    memo: bool,
+    clock: _Stopwatch,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """GRPO from the SFT checkpoint, every tool call answered by the cache `grpo.train` builds from
+    the trajectories; returns its summary and the GRPO stage: evaluated like the others (eval_loop
+    "grpo", laps `grpo_s` and `grpo_eval_s`) or the run's own last validation (laps `grpo_s`)."""
+    _log(
+        f"GRPO: {config.train.steps} steps x {config.grpo.tasks_per_step} tasks "
+        f"x G={config.loop.group_size}"
+    )
+    summary = _with_last_logged(
+        grpo_dir, grpo.train(config, grpo_dir, progress=True), "reward/total"
+    )
+    if eval_loop != "grpo":
+        stage = _final_grpo_eval(grpo_dir, summary)
+        clock.lap("grpo_s")
+        return summary, stage
+    clock.lap("grpo_s")
+    stage = evaluate_stage(grpo_dir / "hf", validation, seed, stage_loop, memo=memo)
+    clock.lap("grpo_eval_s")
+    return summary, stage
+
+
+def _summary_line(sft_summary: dict[str, Any], grpo_summary: dict[str, Any], ran_grpo: bool) -> str:
+    line = f"SFT final loss {sft_summary.get('loss', float('nan')):.4f}"
+    if ran_grpo:
+        line += (
+            f"; GRPO final reward {grpo_summary.get('reward/total', float('nan')):.3f} (training "
+            f"rollouts, cache tiers: exact {grpo_summary.get('tier/exact_fraction', 0):.2f}, fuzzy "
+            f"{grpo_summary.get('tier/fuzzy_fraction', 0):.2f}, best-effort "
+            f"{grpo_summary.get('tier/best_effort_fraction', 0):.2f})"
+        )
+    return line
+
+
+def write_report(
+    workdir: Path,
+    model: Qwen3Config,
+    data: DemoData,
+    stages: dict[str, dict[str, float]],
+    timings: dict[str, float],
+    sft_summary: dict[str, Any],
+    grpo_summary: dict[str, Any],
+    plots: list[Path],
+    options: dict[str, Any],
+) -> Path:
+    """`report.md` (the stage table, seconds per phase, the training summary, the plots) and
+    `stages.json` in `workdir`; prints the table. Returns the report's path."""
+    table = stage_table(stages)
+    report = [
+        "# CacheRL in miniature",
+        "",
+        f"Procedural suite, tiny Qwen3 ({model.num_layers} layers, hidden {model.hidden_size}), "
+        f"{len(data.validation)} validation tasks evaluated greedily with live tools.",
+        "",
+        table,
+        "",
+        "Seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+        "",
+        _summary_line(sft_summary, grpo_summary, options["run_grpo"]) + ".",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in plots],
+        "",
+    ]
+    report_path = workdir / "report.md"
+    report_path.write_text("\n".join(report))
     (workdir / "stages.json").write_text(
         json.dumps(
             {
                 "stages": stages,
                 "timings": timings,
-                "augment": augment_summary,
+                "augment": data.augment_summary,
                 "options": options,
             },
             indent=2,
@@ -463,13 +632,5 @@ def run(
         )
     )
     print("\n" + table + "\n")
-    _log(f"report: {workdir / 'report.md'} ({timings['total_s'] / 60:.1f} min)")
-    return {
-        "stages": stages,
-        "timings": timings,
-        "report": str(workdir / "report.md"),
-        "options": options,
-        "train_data": str(train_path),
-        "sft_summary": sft_summary,
-        "grpo_summary": grpo_summary,
-    }
+    _log(f"report: {report_path} ({timings['total_s'] / 60:.1f} min)")
+    return report_path

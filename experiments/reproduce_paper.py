@@ -1,4 +1,12 @@
-"""The paper's stage table and ablation table at CPU scale, over seeds, with mean +- std.
+"""CPU smoke ablation of a 1.1M-parameter model on the procedural suite (not the paper's result).
+
+The paper's stage table and ablation table, in shape only: the same stages and variants, run with
+the tiny Qwen3 of `configs/sft.py:tiny` (4 layers, hidden 128; 1.1M parameters with the default
+preset's 1024-token vocabulary) for a few hundred SFT steps and a handful of GRPO steps on the
+procedural task suite, over seeds, with mean +- std, sized for 2 CPU cores. It checks that the
+pipeline and every ablation run end to end and are evaluated alike; its numbers are not the
+paper's result and say nothing about models at the paper's scale. Every table it writes says so
+in its title.
 
     .venv/bin/python experiments/reproduce_paper.py                  # seeds 0 1 2, ~1 hour
     .venv/bin/python experiments/reproduce_paper.py --preset quick   # a few minutes, for tests
@@ -51,6 +59,7 @@ if str(REPO) not in sys.path:  # `python experiments/reproduce_paper.py` from an
     sys.path.insert(0, str(REPO))
 
 from cacherl_jax import pipeline_demo  # noqa: E402
+from cacherl_jax.model import count_params, init_params, read_config  # noqa: E402
 from cacherl_jax.train.metrics import read_metrics  # noqa: E402
 
 # Sizes per preset; every one is also a flag. `default` is sized for ~57 min on 2 quiet CPU cores
@@ -214,6 +223,44 @@ class Plan:
 
 def _log(message: str) -> None:
     print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- what this is ----------------------------------------------------------------------------
+
+
+def trained_model(plan: Plan) -> dict[str, Any]:
+    """The model the runs trained (the first seed's full run's SFT export): its parameter count
+    and shape."""
+    import jax
+
+    config = read_config(plan.run_dir(plan.seeds[0], "full") / "sft" / "hf")
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return {
+        "params": count_params(params),
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def title(table: str, model: dict[str, Any]) -> str:
+    """A results file's title line: what was run, at what size, and that it is not the paper's."""
+    what = f"a {model['params'] / 1e6:.1f}M-parameter model on the procedural suite"
+    return f"CPU smoke ablation{', ' + table if table else ''}: {what} (not the paper's result)"
+
+
+def smoke_note(plan: Plan, model: dict[str, Any]) -> str:
+    """The paragraph under every title: why these numbers must not be quoted as the paper's."""
+    return (
+        "A CPU-scale smoke test of the paper's stage and ablation tables: the same stages and "
+        f"variants, run with a tiny Qwen3 ({model['num_layers']} layers, hidden "
+        f"{model['hidden_size']}, {model['params']:,} parameters with a "
+        f"{model['vocab_size']}-token vocabulary) for {plan.sizes['sft_steps']} SFT steps and "
+        f"{plan.sizes['grpo_steps']} "
+        "GRPO steps on the procedural task suite. It checks that the pipeline and every ablation "
+        "run end to end and are evaluated alike; these numbers are not the paper's result and say "
+        "nothing about a model at the paper's scale."
+    )
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -441,8 +488,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = shlex.join(sys.orig_argv if argv is None else [sys.executable, __file__, *arguments])
     estimate = estimate_seconds(sizes, len(plan.seeds))
     _log(
-        f"seeds {list(plan.seeds)}, sizes {sizes}, beta {plan.beta}: {len(VARIANTS)} variants "
-        f"per seed (estimate ~{estimate / 60:.0f} min on 2 quiet CPU cores); runs under "
+        f"CPU smoke ablation (not the paper's result): seeds {list(plan.seeds)}, sizes {sizes}, "
+        f"beta {plan.beta}: {len(VARIANTS)} variants per seed (estimate ~{estimate / 60:.0f} min "
+        "on 2 quiet CPU cores); runs under "
         f"{plan.workdir}"
     )
 
@@ -479,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     seeds = list(plan.seeds)
     summary = aggregate(per_seed, seeds)
+    model = trained_model(plan)
     tables = {
         "stage": stage_table(summary),
         "ablation": ablation_table(summary),
@@ -493,10 +542,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "estimate_s": estimate,
         "git": git,
     }
-    write_outputs(out_dir, plan, per_seed, summary, tables, run_info)
-    print("\n" + tables["stage"] + "\n\n" + tables["ablation"] + "\n", flush=True)
+    write_outputs(out_dir, plan, model, per_seed, summary, tables, run_info)
+    print(f"\n{title('', model)}\n", flush=True)
+    print(tables["stage"] + "\n\n" + tables["ablation"] + "\n", flush=True)
 
     headline: dict[str, Any] = {"preset": plan.preset, "seeds": seeds, "beta": plan.beta, **sizes}
+    headline["model_params"] = model["params"]
     for stage in ("base", "sft", "grpo"):
         stat = summary["stages"][stage]["eval/reward/total"]
         headline[f"{stage}_reward_mean"] = stat["mean"]
@@ -518,13 +569,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def write_outputs(
     out_dir: Path,
     plan: Plan,
+    model: dict[str, Any],
     per_seed: dict[str, dict[int, dict]],
     summary: dict[str, Any],
     tables: dict[str, str],
     run_info: dict[str, Any],
 ) -> None:
-    """stage_table.md, ablation_table.md, results.json and README.md in `out_dir`."""
+    """stage_table.md, ablation_table.md, results.json and README.md in `out_dir`, each titled as
+    the CPU smoke ablation it is (`title`, `smoke_note`)."""
     seeds = list(plan.seeds)
+    note = smoke_note(plan, model)
     seed_list = ", ".join(map(str, seeds))
     how = (
         f"Mean ± sample standard deviation (n - 1) over seeds {seed_list}; "
@@ -533,12 +587,14 @@ def write_outputs(
         "GRPO config's evaluation loop)."
     )
     (out_dir / "stage_table.md").write_text(
-        "# Stage table: the full pipeline\n\n"
-        f"{how} The full pipeline's GRPO stage has a KL term, beta = {plan.beta}.\n\n"
+        f"# {title('stage table', model)}\n\n"
+        f"{note}\n\n"
+        f"The full pipeline's stages. {how} Its GRPO stage has a KL term, beta = {plan.beta}.\n\n"
         f"{tables['stage']}\n"
     )
     (out_dir / "ablation_table.md").write_text(
-        "# Ablation table\n\n"
+        f"# {title('ablation table', model)}\n\n"
+        f"{note}\n\n"
         f"{how} Each variant's final model (GRPO, or SFT for SFT only); Δ = variant - full "
         "pipeline per seed, mean ± std of those differences.\n\n"
         f"{tables['ablation']}\n\n"
@@ -561,6 +617,7 @@ def write_outputs(
         "seeds": seeds,
         "beta": plan.beta,
         "teacher": plan.teacher,
+        "model": model,
         "workdir": str(plan.workdir),
         "git": git,
         "machine": machine,
@@ -579,7 +636,8 @@ def write_outputs(
         "the repository root" if Path(run_info["cwd"]).resolve() == REPO else f"`{run_info['cwd']}`"
     )
     (out_dir / "README.md").write_text(
-        "# Reproduced tables (CPU scale)\n\n"
+        f"# {title('', model)}\n\n"
+        f"{note}\n\n"
         f"Produced by this command, run in {where}:\n\n"
         f"```bash\n{run_info['command']}\n```\n\n"
         f"Commit {git['commit']}{' (with uncommitted changes)' if git['dirty'] else ''}, "

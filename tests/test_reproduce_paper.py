@@ -1,6 +1,7 @@
 """experiments/reproduce_paper.py end to end at the quick preset: two seeds, every variant, the
 tables' statistics recomputed from the per-seed numbers, each ablation's settings read back from
-its runs' resolved configs, and a rerun that skips the finished work."""
+its runs' resolved configs, titles that call it the CPU smoke ablation it is, and a rerun that
+skips the finished work."""
 
 import json
 import statistics
@@ -11,6 +12,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from cacherl_jax.model import count_params, load_hf_checkpoint
 from cacherl_jax.pipeline_demo import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +83,22 @@ def test_every_variant_and_seed_ran_and_the_outputs_exist(reproduced):
     for title in ("no teacher reasoning", "no thinking", "exact-only cache", "fixed-weight"):
         assert title in ablation_table
     assert "no KL" in ablation_table and "SFT only" in ablation_table
+
+
+def test_every_output_says_it_is_a_cpu_smoke_ablation_not_the_papers_result(reproduced):
+    workdir, out, _, headline, stdout = reproduced
+    _, params = load_hf_checkpoint(workdir / f"seed{SEEDS[0]}" / "full" / "sft" / "hf")
+    n = count_params(params)
+    results = json.loads((out / "results.json").read_text())
+    assert headline["model_params"] == n and results["model"]["params"] == n
+    assert results["model"]["num_layers"] == 4 and results["model"]["vocab_size"] == 512
+    size = f"{n / 1e6:.1f}M-parameter model on the procedural suite"
+    for name in ("stage_table.md", "ablation_table.md", "README.md"):
+        title, _, body = (out / name).read_text().partition("\n")
+        assert title.startswith("# CPU smoke ablation"), (name, title)
+        assert size in title and "(not the paper's result)" in title, (name, title)
+        assert f"{n:,} parameters" in body and "not the paper's result" in body, name
+    assert f"CPU smoke ablation: a {size} (not the paper's result)" in stdout
 
 
 def test_means_and_stds_are_those_of_the_per_seed_numbers(reproduced):

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,7 @@ def _fetch(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
     return {key: float(value) for key, value in jax.device_get(dict(metrics)).items()}
 
 
-# --- the loop ------------------------------------------------------------------------------------------
+# --- the run -------------------------------------------------------------------------------------------
 
 
 def train(
@@ -220,6 +220,61 @@ def train(
     `devices` (default: all) is the set the config's mesh is laid over.
     """
     workdir = Path(workdir).absolute()
+    mesh = make_checked_mesh(config, devices)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, data_iterator = load_data(config, workdir)
+
+    lora = lora_config(config)
+    base, trainable = init_model_params(config, model, lora, mesh)
+    tx, schedule = make_optimizer(config.train)
+    state, state_shardings = init_train_state(tx, trainable, mesh)
+    checkpoints = checkpoint_lib.Checkpoints(
+        workdir / "checkpoints",
+        fingerprint(config, model),
+        keep=config.train.keep_checkpoints,
+        async_save=config.train.async_checkpoints,
+    )
+    state, start_step = resume(checkpoints, state, data_iterator)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    step_config = StepConfig(
+        model=model,
+        lora=lora,
+        grad_accum=config.train.grad_accum,
+        thinking_weight=config.train.thinking_weight,
+        loss_chunk_size=config.train.loss_chunk_size,
+    )
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = jit_train_step(step_config, tx, schedule, state_shardings, base, batch_sharding)
+    state, last = run_steps(
+        config,
+        workdir,
+        train_step,
+        state,
+        base,
+        data_iterator,
+        batch_sharding,
+        checkpoints,
+        start_step,
+        progress=progress,
+    )
+
+    summary = {"steps": config.train.steps, "resumed_from": start_step, **last}
+    if config.train.export_hf:
+        final = model_params(state["trainable"], base, step_config)
+        summary["export"] = str(export_hf(config, workdir, model, final))
+    return summary
+
+
+# --- the steps of `train` ------------------------------------------------------------------------------
+
+
+def make_checked_mesh(
+    config: ml_collections.ConfigDict, devices: list[jax.Device] | None
+) -> jax.sharding.Mesh:
+    """The config's mesh over `devices` (after joining the distributed job), once the config is
+    known to give training data and a batch that splits into its micro-batches and shards."""
     parallel.initialize_distributed(config.distributed)
     mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
     if config.data.batch_size % (config.train.grad_accum * batch_shards(mesh)):
@@ -232,12 +287,20 @@ def train(
         raise TrainingError(
             "config.data.train is empty: give a trajectories JSONL (--config.data.train=PATH)"
         )
-    workdir.mkdir(parents=True, exist_ok=True)
+    return mesh
 
+
+def load_data(
+    config: ml_collections.ConfigDict, workdir: Path
+) -> tuple[Qwen3Config, Iterator[dict[str, Any]]]:
+    """The model the run trains and this host's iterator of packed batches: the trajectories are
+    rendered with the run's tokenizer (trained on them at the start of a fresh run when
+    `tokenizer.spec` is empty), which may set the model's vocabulary."""
     trajectories, report = load_jsonl(config.data.train, on_error=config.data.on_error)
     if not trajectories:
         raise TrainingError(
-            f"{config.data.train}: no usable trajectories ({report.skipped} malformed records skipped)"
+            f"{config.data.train}: no usable trajectories "
+            f"({report.skipped} malformed records skipped)"
         )
     tokenizer = _tokenizer(config, workdir, trajectories)
     model = model_config(config, tokenizer)
@@ -265,9 +328,27 @@ def train(
         )
     except ValueError as err:  # e.g. nothing trainable within seq_len
         raise TrainingError(f"{config.data.train}: {err}") from err
-    data_iterator = iter(dataset)
+    return model, iter(dataset)
 
-    # Parameters: a checkpoint or a fresh init, placed in their shards; LoRA keeps the base frozen.
+
+def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+    """The config's LoRA adapters; None (`lora.rank` 0) for full fine-tuning."""
+    if not config.lora.rank:
+        return None
+    return lora_lib.LoraConfig(
+        rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
+    )
+
+
+def init_model_params(
+    config: ml_collections.ConfigDict,
+    model: Qwen3Config,
+    lora: lora_lib.LoraConfig | None,
+    mesh: jax.sharding.Mesh,
+) -> tuple[Any, Any]:
+    """(frozen base, trainable) parameters placed in their shards: a checkpoint's or a fresh init
+    from `config.seed`. With LoRA the base stays frozen and the adapters train; without it the
+    base is None and every parameter trains."""
     param_dtype = jnp.dtype(config.model.param_dtype)
     key = jax.random.key(config.seed)
     if config.model.checkpoint:
@@ -281,52 +362,59 @@ def train(
         )
     else:
         params = init_params(model, key, dtype=param_dtype, mesh=mesh)
-    lora = None
-    if config.lora.rank:
-        lora = lora_lib.LoraConfig(
-            rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
-        )
-        base, trainable = (
-            params,
-            lora_lib.init_lora(model, lora, jax.random.fold_in(key, 1), mesh=mesh),
-        )
-    else:
-        base, trainable = None, params
+    if lora is None:
+        return None, params
+    return params, lora_lib.init_lora(model, lora, jax.random.fold_in(key, 1), mesh=mesh)
 
-    tx, schedule = make_optimizer(config.train)
-    state, state_shardings = init_train_state(tx, trainable, mesh)
 
-    checkpoints = checkpoint_lib.Checkpoints(
-        workdir / "checkpoints",
-        fingerprint(config, model),
-        keep=config.train.keep_checkpoints,
-        async_save=config.train.async_checkpoints,
-    )
-    start_step = 0
+def resume(
+    checkpoints: checkpoint_lib.Checkpoints, state: dict[str, Any], data_iterator: Iterator
+) -> tuple[dict[str, Any], int]:
+    """The latest checkpoint's state and step, with the data iterator moved to where it was; the
+    fresh `state` and step 0 without one."""
     restored = checkpoints.restore_latest(state)
-    if restored is not None:
-        state, data_state, start_step = restored
-        data_pipeline.set_state(data_iterator, data_state)
-        log.info("resumed from step %d", start_step)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if restored is None:
+        return state, 0
+    state, data_state, start_step = restored
+    data_pipeline.set_state(data_iterator, data_state)
+    log.info("resumed from step %d", start_step)
+    return state, start_step
 
-    step_config = StepConfig(
-        model=model,
-        lora=lora,
-        grad_accum=config.train.grad_accum,
-        thinking_weight=config.train.thinking_weight,
-        loss_chunk_size=config.train.loss_chunk_size,
-    )
-    batch_sharding = parallel.batch_sharding(mesh)
+
+def jit_train_step(
+    step_config: StepConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state_shardings: Any,
+    base: Any,
+    batch_sharding: jax.sharding.NamedSharding,
+):
+    """`make_train_step` jitted with explicit shardings and the state donated."""
     base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
-    train_step = jax.jit(
+    return jax.jit(
         make_train_step(step_config, tx, schedule),
         in_shardings=(state_shardings, base_shardings, {k: batch_sharding for k in BATCH_KEYS}),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
 
+
+def run_steps(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    train_step,
+    state: dict[str, Any],
+    base: Any,
+    data_iterator: Iterator[dict[str, Any]],
+    batch_sharding: jax.sharding.NamedSharding,
+    checkpoints: checkpoint_lib.Checkpoints,
+    start_step: int,
+    *,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The steps from `start_step` to `train.steps`: metrics every `log_every` steps, a checkpoint
+    (state and data position) every `checkpoint_every`, both after the last step; a non-finite
+    loss stops the run without saving. Returns the final state and the last logged metrics."""
     writer = MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ids_log = workdir / "example_ids.jsonl" if config.train.log_example_ids else None
     steps = config.train.steps
@@ -350,19 +438,11 @@ def train(
             state, metrics = compiled_step(state, base, global_batch)
             window_tokens += int(np.sum(batch["segment_ids_BxT"] > 0))
             if ids_log is not None and jax.process_index() == 0:
-                with ids_log.open("a") as f:
-                    f.write(
-                        json.dumps({"step": step + 1, "example_ids": _example_ids(batch)}) + "\n"
-                    )
+                _append_example_ids(ids_log, step + 1, batch)
             is_log = (step + 1) % config.train.log_every == 0 or step + 1 == steps
             is_checkpoint = (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps
             if is_log or is_checkpoint:
-                last = _fetch(metrics)
-                if not np.isfinite(last["loss"]):
-                    raise TrainingError(
-                        f"step {step + 1}: loss is {last['loss']}; stopping without saving "
-                        f"(last good checkpoint: step {checkpoints.latest_step()})"
-                    )
+                last = _fetch_finite(metrics, step + 1, checkpoints)
                 elapsed = time.perf_counter() - window_start
                 last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                 last.update(_data_stats(batch))
@@ -376,23 +456,42 @@ def train(
         bar.close()
         checkpoints.wait()
         writer.close()
+    return state, last
 
-    summary = {"steps": steps, "resumed_from": start_step, **last}
-    if config.train.export_hf:
-        final = model_params(state["trainable"], base, step_config)
-        export_dir = workdir / "hf"
-        if export_dir.exists() and jax.process_index() == 0:
-            shutil.rmtree(export_dir)
-        save_hf_checkpoint(model, final, export_dir)
-        # The export carries its tokenizer unless that is the built-in "qwen3" vocabulary.
-        spec = config.tokenizer.spec
-        source = Path(spec or workdir / "tokenizer")
-        if source.is_dir():
-            source = source / "tokenizer.json"
-        if spec != "qwen3" and jax.process_index() == 0:
-            shutil.copy(source, export_dir / "tokenizer.json")
-        summary["export"] = str(export_dir)
-    return summary
+
+def export_hf(
+    config: ml_collections.ConfigDict, workdir: Path, model: Qwen3Config, params: Any
+) -> Path:
+    """`params` as a Hugging Face checkpoint in `workdir/hf` (replacing an earlier export), with
+    the run's tokenizer unless that is the built-in "qwen3" vocabulary."""
+    export_dir = workdir / "hf"
+    if export_dir.exists() and jax.process_index() == 0:
+        shutil.rmtree(export_dir)
+    save_hf_checkpoint(model, params, export_dir)
+    spec = config.tokenizer.spec
+    source = Path(spec or workdir / "tokenizer")
+    if source.is_dir():
+        source = source / "tokenizer.json"
+    if spec != "qwen3" and jax.process_index() == 0:
+        shutil.copy(source, export_dir / "tokenizer.json")
+    return export_dir
+
+
+def _fetch_finite(
+    metrics: Mapping[str, jax.Array], step: int, checkpoints: checkpoint_lib.Checkpoints
+) -> dict[str, float]:
+    last = _fetch(metrics)
+    if not np.isfinite(last["loss"]):
+        raise TrainingError(
+            f"step {step}: loss is {last['loss']}; stopping without saving "
+            f"(last good checkpoint: step {checkpoints.latest_step()})"
+        )
+    return last
+
+
+def _append_example_ids(path: Path, step: int, batch: Mapping[str, np.ndarray]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "example_ids": _example_ids(batch)}) + "\n")
 
 
 def _example_ids(batch: Mapping[str, np.ndarray]) -> list[int]:
