@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import time
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from cacherl_jax import config_flags
 from cacherl_jax.agent.loop import LoopConfig
 from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
 from cacherl_jax.chat import load_tokenizer
@@ -55,14 +55,9 @@ STAGE_COLUMNS = (
 
 def load_config(name: str, arg: str):
     """`configs/<name>.py:<arg>` of this checkout, as `--config=` would load it."""
-    spec = importlib.util.spec_from_file_location(
-        f"cacherl_configs_{name}", CONFIG_DIR / f"{name}.py"
-    )
-    if spec is None or not (CONFIG_DIR / f"{name}.py").exists():
+    if not (CONFIG_DIR / f"{name}.py").exists():
         raise FileNotFoundError(f"{CONFIG_DIR / name}.py not found (run from a clone of the repo)")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_flags.load_config(f"{CONFIG_DIR / name}.py:{arg}")
 
 
 def _log(message: str) -> None:
