@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cacherl_jax.agent.environment import make_environment
+from cacherl_jax.agent.factory import make_environment
 from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig
 from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
 from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_trajectories
 from cacherl_jax.chat import load_tokenizer
-from cacherl_jax.eval.suite import score_rollouts
 from cacherl_jax.model import load_hf_checkpoint
 from cacherl_jax.rl.rewards import RewardConfig
+from cacherl_jax.rl.scoring import score_rollouts
 from cacherl_jax.sampling import Sampler
 from cacherl_jax.train import grpo, sft
 from cacherl_jax.train.grpo_step import GrpoStepConfig, make_grpo_step

@@ -5,13 +5,12 @@ import time
 
 import pytest
 
+from cacherl_jax.agent.outcome import CallOutcome, RolloutOutcome
 from cacherl_jax.agent.procedural import generate_tasks
 from cacherl_jax.chat.parse import parse_assistant
 from cacherl_jax.rl.judge import JudgeConfig, LLMJudge, parse_score
 from cacherl_jax.rl.rewards import (
-    CallOutcome,
     RewardConfig,
-    RolloutOutcome,
     is_meta_answer,
     process_accuracy,
     score_rollout,

@@ -20,8 +20,8 @@ from cacherl_jax.chat import load_tokenizer, render
 from cacherl_jax.chat.template import render_text
 from cacherl_jax.chat.tokenizer import train_tokenizer
 from cacherl_jax.chat.trajectory import load_jsonl
-from cacherl_jax.eval.suite import TaskResult
 from cacherl_jax.rl.rewards import Reward
+from cacherl_jax.rl.scoring import TaskResult
 from cacherl_jax.train import rft, sft
 from cacherl_jax.train.errors import TrainingError
 from cacherl_jax.train.metrics import read_metrics

@@ -9,8 +9,8 @@ from cacherl_jax.agent.environment import (
     ToolResult,
     Turn,
     execute_reference,
-    make_environment,
 )
+from cacherl_jax.agent.factory import make_environment
 
 __all__ = [
     "Environment",

@@ -354,30 +354,10 @@ class Environment(abc.ABC):
         return self.task
 
 
-def make_environment(task: Task) -> Environment:
-    """A fresh environment of the task's kind, reset to its initial state."""
-    kind = task.environment.get("kind")
-    if kind == "procedural":
-        from cacherl_jax.agent.procedural.environment import ProceduralEnvironment
-
-        environment: Environment = ProceduralEnvironment()
-    elif kind == "bfcl":
-        from cacherl_jax.agent.bfcl import BfclEnvironment
-
-        environment = BfclEnvironment()
-    else:
-        raise ValueError(f"task {task.id!r}: unknown environment kind {kind!r} (procedural, bfcl)")
+def execute_reference(task: Task, environment: Environment) -> list[ExecutedCall]:
+    """Resets the environment to the task, runs its reference calls turn by turn and returns them
+    as executed, with their results (a fresh environment: `agent.factory.make_environment`)."""
     environment.reset(task)
-    return environment
-
-
-def execute_reference(task: Task, environment: Environment | None = None) -> list[ExecutedCall]:
-    """Runs the task's reference calls turn by turn in a fresh (or the given, then reset)
-    environment and returns them as executed, with their results."""
-    if environment is None:
-        environment = make_environment(task)
-    else:
-        environment.reset(task)
     for index, turn in enumerate(task.turns):
         if index:
             environment.begin_turn(index)

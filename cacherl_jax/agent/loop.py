@@ -32,8 +32,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from cacherl_jax.agent.environment import Environment, Task, make_environment, schema_name
-from cacherl_jax.agent.tool_cache import TIERS, ToolCache
+from cacherl_jax.agent.environment import Environment, Task, schema_name
+from cacherl_jax.agent.factory import make_environment
+from cacherl_jax.agent.outcome import TIERS, CallOutcome, RolloutOutcome, worst_tier
+from cacherl_jax.agent.tool_cache import ToolCache
 from cacherl_jax.chat.parse import ParsedAssistant, parse_assistant
 from cacherl_jax.chat.template import (
     Rendered,
@@ -45,7 +47,6 @@ from cacherl_jax.chat.template import (
     render_prompt,
 )
 from cacherl_jax.chat.tokenizer import Tokenizer
-from cacherl_jax.rl.rewards import CallOutcome, RolloutOutcome
 from cacherl_jax.sampling.sampler import Generation, SamplingParams
 
 Mode = Literal["cache", "live", "hybrid"]
@@ -126,8 +127,7 @@ class Rollout:
 
     @property
     def worst_tier(self) -> str:
-        order = {"live": 0, "exact": 0, "fuzzy": 1, "best_effort": 2}
-        return TIERS[max((order[c.tier] for c in self.calls), default=0)]
+        return worst_tier(c.tier for c in self.calls)
 
     @property
     def num_generated(self) -> int:

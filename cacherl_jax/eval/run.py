@@ -23,9 +23,9 @@ from cacherl_jax.chat.parse import parse_assistant
 from cacherl_jax.chat.template import render_prompt
 from cacherl_jax.errors import UserError
 from cacherl_jax.eval import bfcl_scoring, report
-from cacherl_jax.eval.suite import evaluate
 from cacherl_jax.model import load_hf_checkpoint
 from cacherl_jax.rl.rewards import RewardConfig
+from cacherl_jax.rl.scoring import evaluate
 from cacherl_jax.sampling import Sampler, SamplingParams
 
 

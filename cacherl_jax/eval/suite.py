@@ -1,101 +1,24 @@
-"""Evaluation on task suites with environments: success, process accuracy, reward, calls, format.
+"""Evaluation of a checkpoint on task suites with environments: success, process accuracy,
+reward, calls, format.
 
 The same CacheAgentLoop that trains runs the evaluation, greedy by default. Tools run live when
 the loop is in live mode (the honest setting for a final number: success is then judged on the
-real final state) or from the cache otherwise (cheap, for learning curves).
+real final state) or from the cache otherwise (cheap, for learning curves). Scoring itself
+(`evaluate`, `score_rollouts`, `TaskResult`) lives in `cacherl_jax.rl.scoring`, where the
+trainers validate with it; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from cacherl_jax.agent.environment import Task
-from cacherl_jax.agent.loop import CacheAgentLoop, Rollout
-from cacherl_jax.rl.rewards import (
-    Reward,
-    RewardConfig,
-    environment_answer,
-    process_accuracy,
-    score_rollout,
-    summarize,
-)
+from cacherl_jax.agent.loop import CacheAgentLoop
+from cacherl_jax.rl.rewards import RewardConfig
+from cacherl_jax.rl.scoring import TaskResult, evaluate, score_rollouts, summarize_results
 
-
-@dataclasses.dataclass
-class TaskResult:
-    task_id: str
-    sample: int
-    reward: Reward
-    success: bool
-    process_accuracy: float
-    calls: int
-    stop_reason: str
-    generated_tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["reward"] = self.reward.to_dict()
-        return out
-
-
-def score_rollouts(
-    tasks: Sequence[Task], rollouts: Sequence[Rollout], reward_config: RewardConfig
-) -> list[TaskResult]:
-    by_id = {task.id: task for task in tasks}
-    results = []
-    for rollout in rollouts:
-        task = by_id[rollout.task_id]
-        outcome = rollout.outcome()
-        verdict = environment_answer(task, outcome)
-        results.append(
-            TaskResult(
-                task_id=task.id,
-                sample=rollout.sample,
-                reward=score_rollout(task, outcome, reward_config),
-                success=verdict is not None and verdict >= 1.0,
-                process_accuracy=process_accuracy(task, outcome),
-                calls=len(rollout.calls),
-                stop_reason=rollout.stop_reason,
-                generated_tokens=rollout.num_generated,
-            )
-        )
-    return results
-
-
-def summarize_results(results: Sequence[TaskResult]) -> dict[str, float]:
-    """Means over results: success rate, process accuracy, reward (and its parts), calls."""
-    if not results:
-        return {}
-    out = {
-        "success_rate": float(np.mean([r.success for r in results])),
-        "process_accuracy": float(np.mean([r.process_accuracy for r in results])),
-        "calls_per_task": float(np.mean([r.calls for r in results])),
-        "format_errors": float(np.mean([r.reward.format < 1.0 for r in results])),
-        "response_tokens": float(np.mean([r.generated_tokens for r in results])),
-        "tasks": float(len({r.task_id for r in results})),
-    }
-    out.update(summarize([r.reward for r in results]))
-    return out
-
-
-def evaluate(
-    loop: CacheAgentLoop,
-    tasks: Sequence[Task],
-    reward_config: RewardConfig,
-    *,
-    seed: int = 0,
-    batch_tasks: int = 64,
-) -> tuple[dict[str, float], list[TaskResult]]:
-    """Runs the loop over the tasks (in batches of `batch_tasks` tasks) and scores every rollout."""
-    results: list[TaskResult] = []
-    for start in range(0, len(tasks), batch_tasks):
-        chunk = tasks[start : start + batch_tasks]
-        results.extend(score_rollouts(chunk, loop.run(chunk, seed=seed), reward_config))
-    return summarize_results(results), results
+__all__ = ["TaskResult", "evaluate", "evaluate_checkpoint", "score_rollouts", "summarize_results"]
 
 
 def evaluate_checkpoint(

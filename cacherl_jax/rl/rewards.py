@@ -25,13 +25,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cacherl_jax.agent.environment import Task, check_arguments, schema_name
+from cacherl_jax.agent.outcome import TIERS, RolloutOutcome
 from cacherl_jax.agent.tool_cache import canonical_key
-from cacherl_jax.chat.parse import ParsedAssistant
-
-# Worst first: a rollout is as trustworthy as its least exact tool result. Live results and
-# rollouts without calls count as exact.
-TIERS = ("exact", "fuzzy", "best_effort")
-_TIER_RANK = {"live": 0, "exact": 0, "fuzzy": 1, "best_effort": 2}
 
 # Markup that must never reach the user-visible answer.
 _LEAKED_MARKUP = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>")
@@ -44,31 +39,6 @@ _META_RE = re.compile(
     re.IGNORECASE,
 )
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-@dataclasses.dataclass(frozen=True)
-class CallOutcome:
-    """One tool call the rollout made: what was called and which cache tier answered it."""
-
-    name: str
-    arguments: Mapping[str, Any] | None  # None when the call's JSON did not parse
-    tier: str = "exact"  # "exact" | "fuzzy" | "best_effort" | "live"
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutOutcome:
-    """What the reward needs to know about a finished rollout."""
-
-    turns: tuple[ParsedAssistant, ...]  # every assistant turn, parsed
-    calls: tuple[CallOutcome, ...]  # every call the model emitted, in order
-    final_answer: str | None  # the content of the last turn, if it made no calls
-    final_state: Mapping[str, Any] | None = None  # only when tools ran live
-
-    @property
-    def worst_tier(self) -> str:
-        tiers = [call.tier for call in self.calls]
-        worst = max((_TIER_RANK[t] for t in tiers), default=0)
-        return TIERS[worst]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """An OpenAI-compatible HTTP server over the sampler (`cacherl serve`)."""
 
 from cacherl_jax.serve.server import (
-    BatchingEngine,
     ChatRequest,
     ChatServer,
     RequestError,
@@ -13,7 +12,6 @@ from cacherl_jax.serve.server import (
 )
 
 __all__ = [
-    "BatchingEngine",
     "ChatRequest",
     "ChatServer",
     "RequestError",

@@ -7,10 +7,10 @@ stop, seed, n, logprobs, `chat_template_kwargs.enable_thinking`), `GET /v1/model
 Responses carry `tool_calls` (arguments as a JSON string) and `reasoning_content`, as vLLM and
 other OpenAI-compatible servers return them. Streaming is not supported (a 400 says so).
 
-Requests that arrive together are generated together: one worker thread takes every request
-waiting (up to `max_batch` rows), waits `batch_window_s` for more, and runs them as one batch
-with per-row sampling settings. Every row's randomness depends only on its own seed and
-positions, so batching never changes what a request gets.
+Requests that arrive together are generated together (`cacherl_jax.sampling.batching`): one
+worker thread takes every request waiting (up to `max_batch` rows), waits `batch_window_s` for
+more, and runs them as one batch with per-row sampling settings. Every row's randomness depends
+only on its own seed and positions, so batching never changes what a request gets.
 
 Errors are JSON bodies `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
 requests and for prompts that do not fit in the context, 404 for unknown paths or models.
@@ -22,11 +22,8 @@ load when a server is built, not when this module is imported (it also defines t
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
-import queue
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -37,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cacherl_jax.chat.tokenizer import Tokenizer
     from cacherl_jax.sampling import Generation, Sampler, SamplingParams
+    from cacherl_jax.sampling.batching import BatchingEngine
 
 DEFAULT_MAX_TOKENS = 1024
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -375,74 +373,6 @@ def chat_completion(
     }
 
 
-# --- batching ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Pending:
-    prompt_ids: list[int]
-    sampling: list[SamplingParams]
-    future: concurrent.futures.Future
-
-
-class BatchingEngine:
-    """Runs the sampler on one worker thread, batching the requests that wait together."""
-
-    def __init__(self, sampler: Sampler, *, max_batch: int = 32, batch_window_s: float = 0.01):
-        self.sampler = sampler
-        self.max_batch = max_batch
-        self.batch_window_s = batch_window_s
-        self.batch_sizes: list[int] = []  # requests per batch run, for logs and tests
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompt_ids: list[int], sampling: list[SamplingParams]) -> list[Generation]:
-        """Blocks until this request's generations are ready (one per SamplingParams)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Pending(prompt_ids, sampling, future))
-        return future.result()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _take_batch(self) -> list[_Pending] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch, rows = [first], len(first.sampling)
-        deadline = time.monotonic() + self.batch_window_s
-        while rows < self.max_batch:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # finish this batch, then stop
-                break
-            batch.append(item)
-            rows += len(item.sampling)
-        return batch
-
-    def _loop(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            prompts = [p.prompt_ids for p in batch for _ in p.sampling]
-            sampling = [s for p in batch for s in p.sampling]
-            try:
-                generations = self.sampler.generate(prompts, sampling)
-            except Exception as err:  # hand the failure to every waiting request
-                for pending in batch:
-                    pending.future.set_exception(err)
-                continue
-            self.batch_sizes.append(len(batch))
-            start = 0
-            for pending in batch:
-                stop = start + len(pending.sampling)
-                pending.future.set_result(generations[start:stop])
-                start = stop
-
-
 # --- HTTP --------------------------------------------------------------------------------------------
 
 
@@ -584,6 +514,8 @@ def make_server(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> ChatServer:
     """A server bound to (host, port) (port 0: any free port); run `serve_forever()` on it."""
+    from cacherl_jax.sampling.batching import BatchingEngine  # JAX loads with the server
+
     context_len = context_len or sampler.config.max_position_embeddings
     engine = BatchingEngine(sampler, max_batch=max_batch, batch_window_s=batch_window_s)
     return ChatServer(

@@ -13,10 +13,13 @@ calls per rollout, and seconds per phase (sampling, tools, reward, reference, up
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +30,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cacherl_jax import parallel
-from cacherl_jax.agent import bfcl
 from cacherl_jax.agent.environment import Task
-from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, Rollout
-from cacherl_jax.agent.procedural import generate_tasks
-from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_trajectories
-from cacherl_jax.chat import load_tokenizer
-from cacherl_jax.chat.trajectory import load_jsonl
-from cacherl_jax.eval.suite import evaluate, score_rollouts
-from cacherl_jax.model import load_hf_checkpoint, save_hf_checkpoint
+from cacherl_jax.agent.loop import CacheAgentLoop, Rollout
+from cacherl_jax.agent.tool_cache import ToolCache
+from cacherl_jax.chat import Tokenizer, load_tokenizer
+from cacherl_jax.model import Qwen3Config, load_hf_checkpoint, save_hf_checkpoint
 from cacherl_jax.model import lora as lora_lib
 from cacherl_jax.rl.grpo import group_advantages
 from cacherl_jax.rl.rewards import RewardConfig, summarize
+from cacherl_jax.rl.scoring import TaskResult, evaluate, score_rollouts
 from cacherl_jax.sampling import Sampler
 from cacherl_jax.train import checkpoint as checkpoint_lib
 from cacherl_jax.train.errors import TrainingError
@@ -51,68 +51,13 @@ from cacherl_jax.train.grpo_step import (
 )
 from cacherl_jax.train.metrics import MetricsWriter
 from cacherl_jax.train.optimizer import make_optimizer
+from cacherl_jax.train.rollout_setup import load_tasks, loop_config, open_cache
 from cacherl_jax.train.step import batch_shards, init_train_state
 
 log = logging.getLogger(__name__)
 
 
 # --- inputs ------------------------------------------------------------------------------------------
-
-
-def load_tasks(spec: ml_collections.ConfigDict, split: str) -> list[Task]:
-    """Tasks from the procedural suite, a trajectories JSONL (`metadata.task`) or BFCL."""
-    if spec.source == "procedural":
-        return generate_tasks(
-            split,
-            spec.n,
-            spec.seed,
-            domains=list(spec.domains) or None,
-            kinds=list(spec.kinds) or None,
-        )
-    if spec.source == "jsonl":
-        trajectories, _ = load_jsonl(spec.path)
-        tasks = []
-        for trajectory in trajectories:
-            if "task" not in trajectory.metadata:
-                raise TrainingError(
-                    f"{spec.path}: trajectory {trajectory.id!r} has no metadata.task "
-                    "(write tasks with `cacherl tasks`)"
-                )
-            tasks.append(Task.from_dict(trajectory.metadata["task"]))
-        return tasks[: spec.n] if spec.n else tasks
-    if spec.source == "bfcl":
-        return bfcl.load_tasks(spec.path or "multi_turn_base", limit=spec.n or None)
-    raise TrainingError(f"tasks.source must be procedural, jsonl or bfcl, got {spec.source!r}")
-
-
-def open_cache(config: ml_collections.ConfigDict, workdir: Path) -> ToolCache:
-    """The run's tool cache; `cache.build_from` trajectories are recorded into a new one."""
-    path = config.cache.path or str(workdir / "tool_cache.sqlite")
-    is_new = not Path(path).exists()
-    cache = ToolCache(
-        ToolCacheConfig(
-            path,
-            fuzzy_threshold=config.cache.fuzzy_threshold,
-            scope_mode=config.cache.scope_mode,
-            exact_only=config.cache.get("exact_only", False),
-        )
-    )
-    if is_new and config.cache.build_from:
-        sources = [p.strip() for p in config.cache.build_from.split(",") if p.strip()]
-        report = build_from_trajectories(cache, sources, scope_per_trajectory=True)
-        log.info("tool cache %s built from %s: %s", path, sources, report)
-    return cache
-
-
-def loop_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) -> LoopConfig:
-    values = config.loop.to_dict()
-    if evaluation:
-        values.update(
-            group_size=config.eval.samples,
-            temperature=config.eval.temperature,
-            mode=config.eval.mode,
-        )
-    return LoopConfig(**values)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -147,18 +92,58 @@ def advantages_for(
     return adv_NxG, np.array(keep_NxG)
 
 
-# --- the loop --------------------------------------------------------------------------------------
+# --- the run -----------------------------------------------------------------------------------------
 
 
-def train(
-    config: ml_collections.ConfigDict,
-    workdir: str | Path,
-    *,
-    progress: bool = True,
-    devices: list[jax.Device] | None = None,
-) -> dict[str, Any]:
-    """Runs (or resumes) GRPO in `workdir`; returns a summary with eval before/after."""
-    workdir = Path(workdir).absolute()
+@dataclasses.dataclass
+class _Policy:
+    """The model being trained: LoRA adapters over a frozen base, or all of its parameters."""
+
+    model: Qwen3Config
+    lora: lora_lib.LoraConfig | None
+    base: Any  # the frozen base under the adapters (LoRA only)
+    reference: Any  # a frozen copy for the KL term (full fine-tuning with beta only)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a GRPO run holds from step to step; `state` is replaced by every update."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: Tokenizer
+    policy: _Policy
+    train_tasks: list[Task]
+    eval_tasks: list[Task]
+    rows: int  # rollouts per step: tasks_per_step x group_size
+    cache: ToolCache
+    reward_config: RewardConfig
+    state: Any
+    checkpoints: checkpoint_lib.Checkpoints
+    start_step: int
+    update: Callable
+    logprobs_fn: Callable
+    merge: Callable  # (trainable, base) -> the full parameters
+    sampler: Sampler
+    train_loop: CacheAgentLoop
+    eval_loop: CacheAgentLoop
+    writer: MetricsWriter
+
+    def params(self) -> Any:
+        return self.merge(self.state["trainable"], self.policy.base)
+
+    def refresh_sampler(self) -> None:
+        self.sampler.set_params(self.params())
+
+    def close(self) -> None:
+        self.checkpoints.wait()
+        self.writer.close()
+        self.cache.close()
+
+
+def _open_workdir(
+    config: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Device] | None
+) -> jax.sharding.Mesh:
+    """Checks the config, joins the other processes and writes `config.json`; returns the mesh."""
     if not config.model.checkpoint:
         raise TrainingError(
             "config.model.checkpoint is empty: give an HF checkpoint directory (e.g. an SFT run's hf/)"
@@ -168,9 +153,11 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    return mesh
 
-    tokenizer = load_tokenizer(config.tokenizer.spec or config.model.checkpoint)
-    model, params = load_hf_checkpoint(
+
+def _load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    return load_hf_checkpoint(
         config.model.checkpoint,
         mesh=mesh,
         dtype=jnp.dtype(config.model.param_dtype),
@@ -178,28 +165,94 @@ def train(
         remat=config.model.remat,
         unroll_layers=config.model.unroll_layers,
     )
+
+
+def _load_task_splits(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[list[Task], list[Task], int]:
+    """(training tasks, validation tasks, rollouts per step), the step's rollouts checked to
+    split into minibatches, micro-batches and batch shards."""
     train_tasks = load_tasks(config.tasks, "train")
     eval_tasks = load_tasks(config.eval_tasks, "validation")
     if not train_tasks:
         raise TrainingError("no training tasks (config.tasks)")
-    cache = open_cache(config, workdir)
-    reward_config = RewardConfig.from_config(config.reward)
-
-    lora = None
-    if config.lora.rank:
-        lora = lora_lib.LoraConfig(
-            rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
+    rows = min(config.grpo.tasks_per_step, len(train_tasks)) * config.loop.group_size
+    minibatches, grad_accum = config.grpo.minibatches, config.train.grad_accum
+    if rows % (minibatches * grad_accum * batch_shards(mesh)):
+        raise TrainingError(
+            f"tasks_per_step x group_size = {rows} rollouts must split into {minibatches} "
+            f"minibatches x grad_accum {grad_accum} over {batch_shards(mesh)} batch shards"
         )
-        base = params
-        trainable = lora_lib.init_lora(model, lora, jax.random.key(config.seed), mesh=mesh)
-        reference = None  # the LoRA base is the reference
-    else:
-        base, trainable = None, params
+    return train_tasks, eval_tasks, rows
+
+
+def _policy(
+    config: ml_collections.ConfigDict, model: Qwen3Config, params: Any, mesh: jax.sharding.Mesh
+) -> tuple[_Policy, Any]:
+    """(the policy, the parameters the optimizer starts from: all of them, or new adapters)."""
+    if not config.lora.rank:
         # A frozen copy of the starting point for the KL term (not needed without it).
         reference = jax.tree.map(jnp.copy, params) if config.grpo.beta else None
+        return _Policy(model, None, base=None, reference=reference), params
+    lora = lora_lib.LoraConfig(
+        rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
+    )
+    trainable = lora_lib.init_lora(model, lora, jax.random.key(config.seed), mesh=mesh)
+    # The LoRA base is the reference.
+    return _Policy(model, lora, base=params, reference=None), trainable
 
+
+def _merge_fn(lora: lora_lib.LoraConfig | None) -> Callable:
     def full_params(trainable, base):
         return trainable if lora is None else lora_lib.merge_lora(base, trainable, lora)
+
+    return jax.jit(full_params)
+
+
+def _compile_update(
+    config: ml_collections.ConfigDict,
+    policy: _Policy,
+    tx,
+    schedule,
+    state_shardings: Any,
+    mesh: jax.sharding.Mesh,
+) -> Callable:
+    """The jitted, sharded GRPO update `(state, base, batch) -> (state, metrics)`."""
+    step_config = GrpoStepConfig(
+        model=policy.model,
+        lora=policy.lora,
+        grad_accum=config.train.grad_accum,
+        loss_chunk_size=config.grpo.loss_chunk_size,
+        eps_low=config.grpo.eps_low,
+        eps_high=config.grpo.eps_high,
+        beta=config.grpo.beta,
+        kl_estimator=config.grpo.kl_estimator,
+        aggregation=config.grpo.aggregation,
+        entropy=config.grpo.entropy,
+    )
+    batch_sharding = parallel.batch_sharding(mesh)
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    batch_shardings["adv_B"] = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0])
+    )
+    base_shardings = (
+        None if policy.base is None else jax.tree.map(lambda x: x.sharding, policy.base)
+    )
+    return jax.jit(
+        make_grpo_step(step_config, tx, schedule),
+        in_shardings=(state_shardings, base_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+
+
+def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> _Run:
+    """Loads the model, tasks and cache, restores the latest checkpoint, compiles the update."""
+    tokenizer = load_tokenizer(config.tokenizer.spec or config.model.checkpoint)
+    model, params = _load_model(config, mesh)
+    train_tasks, eval_tasks, rows = _load_task_splits(config, mesh)
+    cache = open_cache(config, workdir)
+    policy, trainable = _policy(config, model, params, mesh)
 
     tx, schedule = make_optimizer(config.train)
     state, state_shardings = init_train_state(tx, trainable, mesh)
@@ -215,156 +268,208 @@ def train(
         state, _, start_step = restored
         log.info("resumed from step %d", start_step)
 
-    step_config = GrpoStepConfig(
-        model=model,
-        lora=lora,
-        grad_accum=config.train.grad_accum,
-        loss_chunk_size=config.grpo.loss_chunk_size,
-        eps_low=config.grpo.eps_low,
-        eps_high=config.grpo.eps_high,
-        beta=config.grpo.beta,
-        kl_estimator=config.grpo.kl_estimator,
-        aggregation=config.grpo.aggregation,
-        entropy=config.grpo.entropy,
+    merge = _merge_fn(policy.lora)
+    sampler = Sampler(merge(state["trainable"], policy.base), model, mesh=mesh)
+    return _Run(
+        config=config,
+        tokenizer=tokenizer,
+        policy=policy,
+        train_tasks=train_tasks,
+        eval_tasks=eval_tasks,
+        rows=rows,
+        cache=cache,
+        reward_config=RewardConfig.from_config(config.reward),
+        state=state,
+        checkpoints=checkpoints,
+        start_step=start_step,
+        update=_compile_update(config, policy, tx, schedule, state_shardings, mesh),
+        logprobs_fn=jax.jit(
+            functools.partial(target_logprobs, model=model, chunk_size=config.grpo.loss_chunk_size)
+        ),
+        merge=merge,
+        sampler=sampler,
+        train_loop=CacheAgentLoop(sampler, tokenizer, cache, loop_config(config)),
+        eval_loop=CacheAgentLoop(sampler, tokenizer, cache, loop_config(config, evaluation=True)),
+        writer=MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0),
     )
-    batch_sharding = parallel.batch_sharding(mesh)
-    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-    batch_shardings["adv_B"] = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0])
-    )
-    base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
-    update = jax.jit(
-        make_grpo_step(step_config, tx, schedule),
-        in_shardings=(state_shardings, base_shardings, batch_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    )
-    logprobs_fn = jax.jit(
-        functools.partial(target_logprobs, model=model, chunk_size=config.grpo.loss_chunk_size)
-    )
-    merge = jax.jit(full_params)
-    sampler = Sampler(merge(state["trainable"], base), model, mesh=mesh)
-    train_loop = CacheAgentLoop(sampler, tokenizer, cache, loop_config(config))
-    eval_loop = CacheAgentLoop(sampler, tokenizer, cache, loop_config(config, evaluation=True))
 
-    def refresh_sampler():
-        sampler.set_params(merge(state["trainable"], base))
 
-    def run_eval(step: int) -> dict[str, float]:
-        refresh_sampler()
-        start = time.perf_counter()
-        metrics, _ = evaluate(eval_loop, eval_tasks, reward_config, seed=config.seed)
-        metrics = {f"eval/{k}": v for k, v in metrics.items()}
-        metrics["eval/seconds"] = time.perf_counter() - start
-        writer.write(step, metrics)
-        return metrics
+# --- one step ----------------------------------------------------------------------------------------
 
-    writer = MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
-    steps = config.train.steps
-    G = config.loop.group_size
-    rows = min(config.grpo.tasks_per_step, len(train_tasks)) * G
-    minibatches = config.grpo.minibatches
-    if rows % (minibatches * config.train.grad_accum * batch_shards(mesh)):
-        raise TrainingError(
-            f"tasks_per_step x group_size = {rows} rollouts must split into {minibatches} "
-            f"minibatches x grad_accum {config.train.grad_accum} over {batch_shards(mesh)} batch shards"
+
+@contextlib.contextmanager
+def _timed(timing: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timing[key] = time.perf_counter() - start
+
+
+def _train_step(run: _Run, step: int) -> dict[str, float]:
+    """Samples the step's rollouts, scores them, and updates on them; returns the step's metrics."""
+    config = run.config
+    run.refresh_sampler()
+    tasks = step_tasks(run.train_tasks, step, config.grpo.tasks_per_step, config.seed)
+    rollouts = run.train_loop.run(tasks, seed=config.seed * 1_000_003 + step)
+    timing = {f"time/{k}": v for k, v in run.train_loop.metrics.items() if k.endswith("_s")}
+    with _timed(timing, "time/reward_s"):
+        results = score_rollouts(tasks, rollouts, run.reward_config)
+        adv_NxG, keep_NxG = _advantages(config, results, len(tasks))
+    batch = _batch(rollouts, adv_NxG.reshape(-1), keep_NxG.reshape(-1), config, run.tokenizer)
+    with _timed(timing, "time/reference_s"):
+        device_batch = _with_reference_logprobs(run, batch)
+    with _timed(timing, "time/update_s"):
+        fetched = _minibatch_updates(run, device_batch, step)
+    metrics = _update_metrics(run, fetched, step)
+    metrics.update(_rollout_metrics(run, results))
+    metrics.update(timing)
+    metrics["groups_kept"] = float(keep_NxG[:, 0].sum())
+    metrics["response_tokens"] = float(np.mean([r.num_generated for r in rollouts]))
+    metrics["success_rate"] = float(np.mean([r.success for r in results]))
+    return metrics
+
+
+def _advantages(
+    config: ml_collections.ConfigDict, results: list[TaskResult], num_tasks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    rewards_NxG = np.array([r.reward.total for r in results]).reshape(
+        num_tasks, config.loop.group_size
+    )
+    return advantages_for(
+        rewards_NxG,
+        normalize_std=config.grpo.normalize_std,
+        skip_equal=config.grpo.equal_reward_groups == "skip",
+    )
+
+
+def _with_reference_logprobs(run: _Run, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The batch on device, with the old policy's log-probs recomputed (`grpo.old_logp`) and
+    the reference's for the KL term (zeros without one)."""
+    config = run.config
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    if config.grpo.old_logp == "recompute":
+        device_batch["old_logp_BxT"] = jnp.where(
+            device_batch["loss_mask_BxT"] > 0,
+            run.logprobs_fn(run.params(), batch=device_batch),
+            0.0,
         )
+    if config.grpo.beta:
+        policy = run.policy
+        ref_params = policy.reference if policy.reference is not None else policy.base
+        device_batch["ref_logp_BxT"] = run.logprobs_fn(ref_params, batch=device_batch)
+    else:
+        device_batch["ref_logp_BxT"] = jnp.zeros_like(device_batch["old_logp_BxT"])
+    return device_batch
 
-    summary: dict[str, Any] = {"resumed_from": start_step}
-    if start_step == 0:
-        summary["eval_before"] = run_eval(0)
-    bar = tqdm(total=steps, initial=start_step, desc="grpo", unit="step",
+
+def _minibatch_updates(
+    run: _Run, device_batch: dict[str, jax.Array], step: int
+) -> list[dict[str, Any]]:
+    """`grpo.minibatches` updates over a shuffle of the step's rollouts; their metrics, fetched."""
+    order = np.random.default_rng([run.config.seed, step, 1]).permutation(run.rows)
+    update_metrics = []
+    for part in np.array_split(order, run.config.grpo.minibatches):
+        mini = {k: v[part] for k, v in device_batch.items()}
+        run.state, metrics = run.update(run.state, run.policy.base, mini)
+        update_metrics.append(metrics)
+    return jax.device_get(update_metrics)
+
+
+def _update_metrics(run: _Run, fetched: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """Means over the minibatch updates (the log-prob gap's maximum); a non-finite loss stops."""
+    metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    metrics["logp_gap_max"] = float(max(m["logp_gap_max"] for m in fetched))
+    if not np.isfinite(metrics["loss"]):
+        raise TrainingError(
+            f"step {step + 1}: loss is {metrics['loss']}; stopping without saving "
+            f"(last good checkpoint: step {run.checkpoints.latest_step()})"
+        )
+    return metrics
+
+
+def _rollout_metrics(run: _Run, results: list[TaskResult]) -> dict[str, float]:
+    """The reward and its parts (overall and by tier), and the loop's counts."""
+    metrics = summarize([r.reward for r in results])
+    metrics.update(
+        {f"loop/{k}": v for k, v in run.train_loop.metrics.items() if not k.endswith("_s")}
+    )
+    return metrics
+
+
+def _evaluate(run: _Run, step: int) -> dict[str, float]:
+    """Validation with the current parameters (`eval_tasks`, `eval` loop settings), logged."""
+    run.refresh_sampler()
+    start = time.perf_counter()
+    metrics, _ = evaluate(run.eval_loop, run.eval_tasks, run.reward_config, seed=run.config.seed)
+    metrics = {f"eval/{k}": v for k, v in metrics.items()}
+    metrics["eval/seconds"] = time.perf_counter() - start
+    run.writer.write(step, metrics)
+    return metrics
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    devices: list[jax.Device] | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) GRPO in `workdir`; returns a summary with eval before/after."""
+    workdir = Path(workdir).absolute()
+    mesh = _open_workdir(config, workdir, devices)
+    run = _start(config, workdir, mesh)
+    summary: dict[str, Any] = {"resumed_from": run.start_step}
+    try:
+        if run.start_step == 0:
+            summary["eval_before"] = _evaluate(run, 0)
+        last = _train_steps(run, summary, progress)
+    finally:
+        run.close()
+    summary.update(steps=config.train.steps, **last)
+    if config.train.export_hf:
+        summary["export"] = _export(run, workdir)
+    return summary
+
+
+def _train_steps(run: _Run, summary: dict[str, Any], progress: bool) -> dict[str, float]:
+    """Steps from the resumed one to `train.steps`, logging, checkpointing and evaluating on the
+    way (the latest evaluation lands in `summary["eval_after"]`); the last step's metrics."""
+    config, steps = run.config, run.config.train.steps
+    bar = tqdm(total=steps, initial=run.start_step, desc="grpo", unit="step",
                disable=not progress or jax.process_index())  # fmt: skip
     last: dict[str, float] = {}
     try:
-        for step in range(start_step, steps):
-            timing: dict[str, float] = {}
-            refresh_sampler()
-            tasks = step_tasks(train_tasks, step, config.grpo.tasks_per_step, config.seed)
-            rollouts = train_loop.run(tasks, seed=config.seed * 1_000_003 + step)
-            timing.update(
-                {f"time/{k}": v for k, v in train_loop.metrics.items() if k.endswith("_s")}
-            )
-
-            start = time.perf_counter()
-            results = score_rollouts(tasks, rollouts, reward_config)
-            rewards_NxG = np.array([r.reward.total for r in results]).reshape(len(tasks), G)
-            adv_NxG, keep_NxG = advantages_for(
-                rewards_NxG,
-                normalize_std=config.grpo.normalize_std,
-                skip_equal=config.grpo.equal_reward_groups == "skip",
-            )
-            timing["time/reward_s"] = time.perf_counter() - start
-
-            batch = _batch(rollouts, adv_NxG.reshape(-1), keep_NxG.reshape(-1), config, tokenizer)
-            start = time.perf_counter()
-            device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-            if config.grpo.old_logp == "recompute":
-                params_now = merge(state["trainable"], base)
-                device_batch["old_logp_BxT"] = jnp.where(
-                    device_batch["loss_mask_BxT"] > 0,
-                    logprobs_fn(params_now, batch=device_batch),
-                    0.0,
-                )
-            if config.grpo.beta:
-                ref_params = reference if reference is not None else base
-                device_batch["ref_logp_BxT"] = logprobs_fn(ref_params, batch=device_batch)
-            else:
-                device_batch["ref_logp_BxT"] = jnp.zeros_like(device_batch["old_logp_BxT"])
-            timing["time/reference_s"] = time.perf_counter() - start
-
-            start = time.perf_counter()
-            order = np.random.default_rng([config.seed, step, 1]).permutation(rows)
-            update_metrics = []
-            for part in np.array_split(order, minibatches):
-                mini = {k: v[part] for k, v in device_batch.items()}
-                state, metrics = update(state, base, mini)
-                update_metrics.append(metrics)
-            fetched = jax.device_get(update_metrics)
-            timing["time/update_s"] = time.perf_counter() - start
-
-            last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            last["logp_gap_max"] = float(max(m["logp_gap_max"] for m in fetched))
-            if not np.isfinite(last["loss"]):
-                raise TrainingError(
-                    f"step {step + 1}: loss is {last['loss']}; stopping without saving "
-                    f"(last good checkpoint: step {checkpoints.latest_step()})"
-                )
-            last.update(summarize([r.reward for r in results]))
-            last.update(
-                {f"loop/{k}": v for k, v in train_loop.metrics.items() if not k.endswith("_s")}
-            )
-            last.update(timing)
-            last["groups_kept"] = float(keep_NxG[:, 0].sum())
-            last["response_tokens"] = float(np.mean([r.num_generated for r in rollouts]))
-            last["success_rate"] = float(np.mean([r.success for r in results]))
-            if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
-                writer.write(step + 1, last)
+        for step in range(run.start_step, steps):
+            last = _train_step(run, step)
+            done, is_last = step + 1, step + 1 == steps
+            if done % config.train.log_every == 0 or is_last:
+                run.writer.write(done, last)
             bar.set_postfix(reward=f"{last['reward/total']:.3f}", kl=f"{last['kl_ref']:.4f}")
             bar.update()
-            is_last = step + 1 == steps
-            if (step + 1) % config.train.checkpoint_every == 0 or is_last:
-                checkpoints.save(step + 1, state, {"step": step + 1})
+            if done % config.train.checkpoint_every == 0 or is_last:
+                run.checkpoints.save(done, run.state, {"step": done})
             every = config.train.eval_every
-            if is_last or (every and (step + 1) % every == 0):
-                summary["eval_after"] = run_eval(step + 1)
+            if is_last or (every and done % every == 0):
+                summary["eval_after"] = _evaluate(run, done)
     finally:
         bar.close()
-        checkpoints.wait()
-        writer.close()
-        cache.close()
+    return last
 
-    summary.update(steps=steps, **last)
-    if config.train.export_hf:
-        export_dir = workdir / "hf"
-        if export_dir.exists() and jax.process_index() == 0:
-            shutil.rmtree(export_dir)
-        save_hf_checkpoint(model, merge(state["trainable"], base), export_dir)
-        tokenizer_file = Path(config.tokenizer.spec or config.model.checkpoint) / "tokenizer.json"
-        if tokenizer_file.exists() and jax.process_index() == 0:
-            shutil.copy(tokenizer_file, export_dir / "tokenizer.json")
-        summary["export"] = str(export_dir)
-    return summary
+
+def _export(run: _Run, workdir: Path) -> str:
+    """The trained model (adapters merged) as an HF checkpoint in `workdir/hf`, with the
+    tokenizer when there is a tokenizer.json to copy."""
+    config = run.config
+    export_dir = workdir / "hf"
+    if export_dir.exists() and jax.process_index() == 0:
+        shutil.rmtree(export_dir)
+    save_hf_checkpoint(run.policy.model, run.params(), export_dir)
+    tokenizer_file = Path(config.tokenizer.spec or config.model.checkpoint) / "tokenizer.json"
+    if tokenizer_file.exists() and jax.process_index() == 0:
+        shutil.copy(tokenizer_file, export_dir / "tokenizer.json")
+    return str(export_dir)
 
 
 def _batch(

@@ -60,16 +60,17 @@ from tqdm.auto import tqdm
 from cacherl_jax import parallel
 from cacherl_jax.agent.environment import Task
 from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, PromptTooLongError, Rollout
+from cacherl_jax.agent.tool_cache import ToolCache
 from cacherl_jax.chat import Tokenizer, load_tokenizer, render
 from cacherl_jax.chat.trajectory import Trajectory, load_jsonl, write_jsonl
-from cacherl_jax.eval.suite import TaskResult, evaluate, score_rollouts
 from cacherl_jax.model import load_hf_checkpoint
 from cacherl_jax.rl.rewards import RewardConfig
+from cacherl_jax.rl.scoring import TaskResult, evaluate, score_rollouts
 from cacherl_jax.sampling import Sampler
 from cacherl_jax.train import sft
 from cacherl_jax.train.errors import TrainingError
-from cacherl_jax.train.grpo import load_tasks, loop_config, open_cache
 from cacherl_jax.train.metrics import MetricsWriter
+from cacherl_jax.train.rollout_setup import load_tasks, loop_config, open_cache
 
 log = logging.getLogger(__name__)
 
@@ -382,48 +383,112 @@ def sampling_fingerprint(config: ml_collections.ConfigDict, checkpoint: str) -> 
     )
 
 
-def _accept(
-    rollouts: list[Rollout],
-    results: list[TaskResult],
-    by_id: dict[str, Task],
-    tokenizer: Tokenizer,
-    config: ml_collections.ConfigDict,
-    round_index: int,
-    seen: set[str],
-    mismatches: list[str],
-) -> tuple[list[Trajectory], Counter]:
-    """The records of one sampler batch that pass `select`, round-trip checked on the way."""
-    messages: dict[int, list[dict[str, Any]]] = {}
-    exact: dict[int, bool] = {}
+class _RoundTripCheck:
+    """`select`'s round-trip question for one sampler batch. Renders a rollout's messages and
+    compares them with its tokens; keeps the messages for the record and the first mismatches
+    for the log."""
 
-    def roundtrips(i: int) -> bool:
-        task = by_id[rollouts[i].task_id]
-        messages[i] = rollout_messages(task, rollouts[i])
+    def __init__(
+        self,
+        rollouts: Sequence[Rollout],
+        by_id: dict[str, Task],
+        tokenizer: Tokenizer,
+        enable_thinking: bool | None,
+        mismatches: list[str],
+    ):
+        self.rollouts, self.by_id, self.tokenizer = rollouts, by_id, tokenizer
+        self.enable_thinking = enable_thinking
+        self.mismatches = mismatches
+        self.messages: dict[int, list[dict[str, Any]]] = {}
+        self.exact: dict[int, bool] = {}
+
+    def __call__(self, i: int) -> bool:
+        rollout = self.rollouts[i]
+        task = self.by_id[rollout.task_id]
+        self.messages[i] = rollout_messages(task, rollout)
         why = roundtrip_mismatch(
-            rollouts[i],
-            messages[i],
+            rollout,
+            self.messages[i],
             rollout_tools(task),
-            tokenizer,
-            enable_thinking=config.sft.data.enable_thinking,
+            self.tokenizer,
+            enable_thinking=self.enable_thinking,
         )
-        if why is not None and len(mismatches) < 5:
-            mismatches.append(f"{task.id}/{rollouts[i].sample}: {why}")
-        exact[i] = why is None
-        return exact[i]
+        if why is not None and len(self.mismatches) < 5:
+            self.mismatches.append(f"{task.id}/{rollout.sample}: {why}")
+        self.exact[i] = why is None
+        return self.exact[i]
 
-    kept, counts = select(rollouts, results, FilterConfig.from_config(config.rft), roundtrips, seen)
-    records = [
-        rollout_record(
-            by_id[rollouts[i].task_id],
-            rollouts[i],
-            results[i],
-            messages[i],
-            round_index=round_index,
-            roundtrip=exact[i],
+
+class _RoundSampling:
+    """One round's sampling, batch after batch: the accepted records and the statistics."""
+
+    def __init__(
+        self, policy: _Policy, cache, tasks: list[Task], config: ml_collections.ConfigDict, k: int
+    ):
+        self.loop = CacheAgentLoop(policy.sampler, policy.tokenizer, cache, _loop_config(config))
+        self.tokenizer, self.round_index = policy.tokenizer, k
+        self.enable_thinking = config.sft.data.enable_thinking  # the SFT rendering's setting
+        self.reward_config = RewardConfig.from_config(config.reward)
+        self.filter = FilterConfig.from_config(config.rft)
+        self.seed = config.seed * 1_000_003 + k
+        self.num_tasks, self.by_id = len(tasks), {task.id: task for task in tasks}
+        self.seen: set[str] = set()  # candidates' token sequences, shared by the batches
+        self.counts: Counter = Counter()
+        self.timing: Counter = Counter()  # seconds per phase, summed over batches
+        self.tiers: Counter = Counter()
+        self.rewards: list[float] = []
+        self.successes: list[bool] = []
+        self.mismatches: list[str] = []
+        self.records: list[Trajectory] = []
+
+    def sample(self, tasks: list[Task]) -> None:
+        """Samples, scores and selects one batch of tasks."""
+        rollouts = _run_loop(self.loop, tasks, self.seed)
+        self.timing.update({k: v for k, v in self.loop.metrics.items() if k.endswith("_s")})
+        start = time.perf_counter()
+        results = score_rollouts(tasks, rollouts, self.reward_config)
+        self.rewards.extend(r.reward.total for r in results)
+        self.successes.extend(r.success for r in results)
+        self.tiers.update(r.worst_tier for r in rollouts)
+        self._accept(rollouts, results)
+        self.timing["select_s"] += time.perf_counter() - start
+
+    def _accept(self, rollouts: list[Rollout], results: list[TaskResult]) -> None:
+        """Keeps the records that pass `select`, round-trip checked on the way."""
+        check = _RoundTripCheck(
+            rollouts, self.by_id, self.tokenizer, self.enable_thinking, self.mismatches
         )
-        for i in kept
-    ]
-    return records, counts
+        kept, counts = select(rollouts, results, self.filter, check, self.seen)
+        self.counts.update(counts)
+        self.records.extend(
+            rollout_record(
+                self.by_id[rollouts[i].task_id],
+                rollouts[i],
+                results[i],
+                check.messages[i],
+                round_index=self.round_index,
+                roundtrip=check.exact[i],
+            )
+            for i in kept
+        )
+
+    def stats(self) -> dict[str, float]:
+        counts, sampled = self.counts, max(self.counts["sampled"], 1)
+        checked = counts["roundtrip"] + counts["not_roundtrip"]
+        return {
+            "tasks": float(self.num_tasks),
+            **{k: float(counts[k]) for k in COUNTS},
+            "acceptance_rate": counts["accepted"] / sampled,
+            "roundtrip_rate": counts["roundtrip"] / checked if checked else float("nan"),
+            "tasks_with_accepted": float(len({r.metadata["task_id"] for r in self.records})),
+            "sample_reward_mean": float(np.mean(self.rewards)),
+            "sample_success_rate": float(np.mean(self.successes)),
+            **{
+                f"sample_tier_{t}": self.tiers[t] / sampled
+                for t in ("exact", "fuzzy", "best_effort")
+            },
+            **{f"time/{k}": float(v) for k, v in self.timing.items()},
+        }
 
 
 def _sample_round(
@@ -436,56 +501,21 @@ def _sample_round(
 ) -> tuple[list[Trajectory], dict[str, float]]:
     """Samples every task in batches of `rft.batch_tasks` tasks and keeps what passes `select`;
     returns the records and the round's sampling statistics."""
-    loop = CacheAgentLoop(policy.sampler, policy.tokenizer, cache, _loop_config(config))
-    reward_config = RewardConfig.from_config(config.reward)
-    seed = config.seed * 1_000_003 + round_index
-    by_id = {task.id: task for task in tasks}
-    seen: set[str] = set()
-    counts: Counter = Counter()
-    timing: Counter = Counter()
-    tiers: Counter = Counter()
-    rewards: list[float] = []
-    successes: list[bool] = []
-    mismatches: list[str] = []
-    records: list[Trajectory] = []
+    sampling = _RoundSampling(policy, cache, tasks, config, round_index)
     bar = tqdm(total=len(tasks), desc=f"rft round {round_index}: sampling", unit="task",
                disable=not progress or jax.process_index())  # fmt: skip
     try:
         for start in range(0, len(tasks), config.rft.batch_tasks):
             chunk = tasks[start : start + config.rft.batch_tasks]
-            rollouts = _run_loop(loop, chunk, seed)
-            timing.update({k: v for k, v in loop.metrics.items() if k.endswith("_s")})
-            t0 = time.perf_counter()
-            results = score_rollouts(chunk, rollouts, reward_config)
-            rewards.extend(r.reward.total for r in results)
-            successes.extend(r.success for r in results)
-            tiers.update(r.worst_tier for r in rollouts)
-            kept, chunk_counts = _accept(
-                rollouts, results, by_id, policy.tokenizer, config, round_index, seen, mismatches
-            )
-            records.extend(kept)
-            counts.update(chunk_counts)
-            timing["select_s"] += time.perf_counter() - t0
+            sampling.sample(chunk)
             bar.update(len(chunk))
-            bar.set_postfix(accepted=counts["accepted"], reward=f"{np.mean(rewards):.3f}")
+            accepted, reward = sampling.counts["accepted"], np.mean(sampling.rewards)
+            bar.set_postfix(accepted=accepted, reward=f"{reward:.3f}")
     finally:
         bar.close()
-    for example in mismatches:
+    for example in sampling.mismatches:
         log.info("rft round %d: not round-tripping: %s", round_index, example)
-    sampled = max(counts["sampled"], 1)
-    checked = counts["roundtrip"] + counts["not_roundtrip"]
-    stats: dict[str, float] = {
-        "tasks": float(len(tasks)),
-        **{k: float(counts[k]) for k in COUNTS},
-        "acceptance_rate": counts["accepted"] / sampled,
-        "roundtrip_rate": counts["roundtrip"] / checked if checked else float("nan"),
-        "tasks_with_accepted": float(len({r.metadata["task_id"] for r in records})),
-        "sample_reward_mean": float(np.mean(rewards)),
-        "sample_success_rate": float(np.mean(successes)),
-        **{f"sample_tier_{t}": tiers[t] / sampled for t in ("exact", "fuzzy", "best_effort")},
-        **{f"time/{k}": float(v) for k, v in timing.items()},
-    }
-    return records, stats
+    return sampling.records, sampling.stats()
 
 
 COUNTS = (
@@ -538,20 +568,32 @@ def _flat(stats: dict[str, Any]) -> dict[str, float]:
     }
 
 
+@dataclasses.dataclass
+class _RunContext:
+    """What every round of a run works with."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    base_paths: list[str]
+    tasks: list[Task]
+    eval_tasks: list[Task]
+    cache: ToolCache
+    models: _Models
+    writer: MetricsWriter
+    devices: list[jax.Device] | None
+    progress: bool
+
+
 def _sample_or_reuse(
+    context: _RunContext,
     round_dir: Path,
     k: int,
     checkpoint: str,
-    models: _Models,
-    cache,
-    tasks: list[Task],
-    eval_tasks: list[Task],
     eval_before: dict[str, float] | None,
-    config: ml_collections.ConfigDict,
-    progress: bool,
 ) -> dict[str, Any]:
     """The round's `sampling.json` (fingerprint, stats, eval before), sampling first unless a
     complete one with the same settings is there; `accepted.jsonl` is written before it."""
+    config, cache = context.config, context.cache
     accepted_path, sampling_path = round_dir / "accepted.jsonl", round_dir / "sampling.json"
     fingerprint = sampling_fingerprint(config, checkpoint)
     if sampling_path.exists() and accepted_path.exists():
@@ -564,13 +606,13 @@ def _sample_or_reuse(
             )
         log.info("rft round %d: reusing %s", k, accepted_path)
         return sampling
-    policy = models.get(checkpoint)
+    policy = context.models.get(checkpoint)
     start = time.perf_counter()
     if eval_before is None:
-        eval_before = _evaluate(policy, cache, eval_tasks, config)
+        eval_before = _evaluate(policy, cache, context.eval_tasks, config)
     timing = {"time/eval_before_s": time.perf_counter() - start}
     start = time.perf_counter()
-    records, stats = _sample_round(policy, cache, tasks, config, k, progress)
+    records, stats = _sample_round(policy, cache, context.tasks, config, k, context.progress)
     timing["time/sampling_round_s"] = time.perf_counter() - start
     write_jsonl(accepted_path, records)
     sampling = {"fingerprint": fingerprint, "stats": stats, "eval_before": eval_before}
@@ -630,6 +672,39 @@ def run(
     """Runs (or resumes) `rft.rounds` rounds in `workdir`; returns the summary (also written to
     `summary.json`)."""
     workdir = Path(workdir).absolute()
+    checkpoint, base_paths = _check_inputs(config)
+    mesh = _open_workdir(config, workdir, devices)
+    tasks, eval_tasks, cache = _open_tasks_and_cache(config, workdir, base_paths)
+    rounds, checkpoint = _finished_rounds(workdir, config.rft.rounds, checkpoint)
+    resumed = len(rounds)
+    if resumed:
+        log.info("rft: %d round(s) already done, continuing from %s", resumed, checkpoint)
+    context = _RunContext(
+        config=config,
+        workdir=workdir,
+        base_paths=base_paths,
+        tasks=tasks,
+        eval_tasks=eval_tasks,
+        cache=cache,
+        models=_Models(config, mesh),
+        writer=MetricsWriter(workdir, resume_step=resumed, enabled=jax.process_index() == 0),
+        devices=devices,
+        progress=progress,
+    )
+    try:
+        for k in range(resumed, config.rft.rounds):
+            rounds.append(_run_round(context, k, checkpoint, rounds[-1] if rounds else None))
+            checkpoint = rounds[-1]["export"]
+    finally:
+        context.writer.close()
+        cache.close()
+    summary = _summary(rounds, resumed, checkpoint)
+    _write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def _check_inputs(config: ml_collections.ConfigDict) -> tuple[str, list[str]]:
+    """(the starting checkpoint, the base data paths), each checked before anything loads."""
     if not config.model.checkpoint:
         raise TrainingError(
             "config.model.checkpoint is empty: give an HF checkpoint directory (e.g. an SFT run's hf/)"
@@ -642,12 +717,26 @@ def run(
     for path in base_paths:
         if not Path(path).is_file():
             raise TrainingError(f"rft.base_data: {path} does not exist (a trajectories JSONL)")
+    return checkpoint, base_paths
 
+
+def _open_workdir(
+    config: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Device] | None
+) -> jax.sharding.Mesh:
+    """Joins the other processes and writes `config.json`; returns the mesh."""
     parallel.initialize_distributed(config.distributed)
     mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    return mesh
+
+
+def _open_tasks_and_cache(
+    config: ml_collections.ConfigDict, workdir: Path, base_paths: list[str]
+) -> tuple[list[Task], list[Task], ToolCache]:
+    """The tasks to sample, the evaluation tasks (none with `eval.enabled` off) and the tool
+    cache, built from the base data unless `cache.build_from` names other trajectories."""
     tasks = load_tasks(config.tasks, "train")
     if not tasks:
         raise TrainingError("no tasks to sample (config.tasks)")
@@ -655,70 +744,82 @@ def run(
     cache_config = config.copy_and_resolve_references()
     if not cache_config.cache.build_from:
         cache_config.cache.build_from = ",".join(base_paths)
-    cache = open_cache(cache_config, workdir)
+    return tasks, eval_tasks, open_cache(cache_config, workdir)
 
-    rounds: list[dict[str, Any]] = []  # finished rounds' metrics.json, written last in a round
-    while len(rounds) < config.rft.rounds:
+
+def _finished_rounds(
+    workdir: Path, wanted: int, checkpoint: str
+) -> tuple[list[dict[str, Any]], str]:
+    """(the finished rounds' metrics, in order; the checkpoint the next round starts from). A
+    round is finished when its `metrics.json`, written last, exists."""
+    rounds: list[dict[str, Any]] = []
+    while len(rounds) < wanted:
         done = workdir / f"round_{len(rounds)}" / "metrics.json"
         if not done.exists():
             break
         rounds.append(json.loads(done.read_text()))
         checkpoint = rounds[-1]["export"]
-    resumed = len(rounds)
-    if resumed:
-        log.info("rft: %d round(s) already done, continuing from %s", resumed, checkpoint)
-    writer = MetricsWriter(workdir, resume_step=resumed, enabled=jax.process_index() == 0)
-    models = _Models(config, mesh)
-    try:
-        for k in range(resumed, config.rft.rounds):
-            round_dir = workdir / f"round_{k}"
-            round_dir.mkdir(exist_ok=True)
-            _check_checkpoint(
-                checkpoint, config.tokenizer.spec or checkpoint, f"round {k}'s starting checkpoint"
-            )
-            sampling = _sample_or_reuse(
-                round_dir,
-                k,
-                checkpoint,
-                models,
-                cache,
-                tasks,
-                eval_tasks,
-                eval_before=rounds[-1]["eval_after"] if rounds else None,
-                config=config,
-                progress=progress,
-            )
-            stats, eval_before = sampling["stats"], sampling["eval_before"]
-            metrics = {"round": k, "checkpoint": checkpoint, **stats, **sampling["timing"]}
-            if stats["accepted"]:
-                models.release()  # the sampler's weights and KV caches, before SFT allocates
-                metrics.update(
-                    _fine_tune(round_dir, k, checkpoint, base_paths, config, devices, progress)
-                )
-                start = time.perf_counter()
-                eval_after = _evaluate(models.get(metrics["export"]), cache, eval_tasks, config)
-                metrics["time/eval_after_s"] = time.perf_counter() - start
-            else:  # no new data, nothing to train: the next round samples the same model again
-                log.warning("rft round %d accepted nothing; the model is unchanged", k)
-                metrics["export"], eval_after = checkpoint, eval_before
-            metrics.update(trained=bool(stats["accepted"]), eval_before=eval_before)
-            metrics["eval_after"] = eval_after
-            writer.write(k + 1, _flat({**metrics, **eval_after}))
-            _write_json(round_dir / "metrics.json", metrics)
-            rounds.append(metrics)
-            checkpoint = metrics["export"]
-            log.info(
-                "rft round %d: %d of %d samples accepted (%d not round-tripping), model %s",
-                k,
-                stats["accepted"],
-                stats["sampled"],
-                stats["not_roundtrip"],
-                checkpoint,
-            )
-    finally:
-        writer.close()
-        cache.close()
+    return rounds, checkpoint
 
+
+def _run_round(
+    context: _RunContext, k: int, checkpoint: str, previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Round `k` from `checkpoint`: sample (or reuse the samples), fine-tune on what was
+    accepted, evaluate; logs and writes the round's metrics, and returns them."""
+    config = context.config
+    round_dir = context.workdir / f"round_{k}"
+    round_dir.mkdir(exist_ok=True)
+    _check_checkpoint(
+        checkpoint, config.tokenizer.spec or checkpoint, f"round {k}'s starting checkpoint"
+    )
+    eval_before = previous["eval_after"] if previous else None
+    sampling = _sample_or_reuse(context, round_dir, k, checkpoint, eval_before)
+    stats, eval_before = sampling["stats"], sampling["eval_before"]
+    metrics = {"round": k, "checkpoint": checkpoint, **stats, **sampling["timing"]}
+    if stats["accepted"]:
+        trained, eval_after = _train_and_evaluate(context, round_dir, k, checkpoint)
+        metrics.update(trained)
+    else:  # no new data, nothing to train: the next round samples the same model again
+        log.warning("rft round %d accepted nothing; the model is unchanged", k)
+        metrics["export"], eval_after = checkpoint, eval_before
+    metrics.update(trained=bool(stats["accepted"]), eval_before=eval_before)
+    metrics["eval_after"] = eval_after
+    context.writer.write(k + 1, _flat({**metrics, **eval_after}))
+    _write_json(round_dir / "metrics.json", metrics)
+    log.info(
+        "rft round %d: %d of %d samples accepted (%d not round-tripping), model %s",
+        k,
+        stats["accepted"],
+        stats["sampled"],
+        stats["not_roundtrip"],
+        metrics["export"],
+    )
+    return metrics
+
+
+def _train_and_evaluate(
+    context: _RunContext, round_dir: Path, k: int, checkpoint: str
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """(the fine-tuning's metrics, the evaluation of its export)."""
+    context.models.release()  # the sampler's weights and KV caches, before SFT allocates
+    metrics = _fine_tune(
+        round_dir,
+        k,
+        checkpoint,
+        context.base_paths,
+        context.config,
+        context.devices,
+        context.progress,
+    )
+    start = time.perf_counter()
+    policy = context.models.get(metrics["export"])
+    eval_after = _evaluate(policy, context.cache, context.eval_tasks, context.config)
+    metrics["time/eval_after_s"] = time.perf_counter() - start
+    return metrics, eval_after
+
+
+def _summary(rounds: list[dict[str, Any]], resumed: int, checkpoint: str) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "rounds": len(rounds),
         "resumed_rounds": resumed,
@@ -729,5 +830,4 @@ def run(
     }
     for key in COUNTS:
         summary[key] = sum(int(r.get(key, 0)) for r in rounds)
-    _write_json(workdir / "summary.json", summary)
     return summary

@@ -357,7 +357,7 @@ class LocalConfig:
 
 class LocalTeacher(Teacher):
     """A checkpoint on this host, sampled with our KV-cache sampler; concurrent requests from the
-    pipeline's threads are generated as one batch (the server's `BatchingEngine`)."""
+    pipeline's threads are generated as one batch (`cacherl_jax.sampling.batching`)."""
 
     def __init__(self, config: LocalConfig):
         from pathlib import Path
@@ -365,7 +365,7 @@ class LocalTeacher(Teacher):
         from cacherl_jax.chat.tokenizer import TokenizerError, load_tokenizer
         from cacherl_jax.model import hf_checkpoint, native_checkpoint
         from cacherl_jax.sampling import Sampler
-        from cacherl_jax.serve.server import BatchingEngine
+        from cacherl_jax.sampling.batching import BatchingEngine
 
         if native_checkpoint.is_native_checkpoint(config.checkpoint):
             model_config, params = native_checkpoint.load_params(config.checkpoint)
