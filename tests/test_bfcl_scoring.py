@@ -17,9 +17,8 @@ import sys
 import types
 from unittest import mock
 
+import bfcl_eval  # noqa: F401  (installed by the Makefile: its absence fails, it does not skip)
 import pytest
-
-pytest.importorskip("bfcl_eval")
 
 from cacherl_jax.agent.bfcl import BfclError, load_tasks, task_from_entry
 from cacherl_jax.eval import report
