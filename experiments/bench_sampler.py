@@ -1,6 +1,6 @@
 """Sampling throughput of our KV-cache sampler against transformers' `generate`, same weights.
 
-    .venv/bin/python experiments/bench_sampler.py [--model bench_29m] [--batches 8 32]
+    .venv/bin/python experiments/bench_sampler.py [--model bench_29m] [--batches 8 32] [--scan-layers]
 
 Both sides run float32 on the same machine in the same process, one after the other: 64-token
 random prompts, exactly 128 new tokens per row (stopping disabled), temperature-1 sampling without
@@ -12,11 +12,12 @@ tokens), at a bandwidth measured here on 512 MB arrays: `roofline_fraction` uses
 read + written, STREAM's convention), `read_roofline_fraction` a read-only pass, which is what
 decoding does and which these machines sustain faster. The compute limit is the other bound:
 the matmul FLOPs of a whole call (prefill, whose output projection runs for the last token only,
-plus one step per new token) at the best float32 matmul rate measured here (XLA's dot, and the
-CPU kernel's where it runs, on 2048-square operands); `compute_fraction` is ours over it.
+plus one step per new token) at the float32 matmul rate of XLA's dot measured here on
+2048-square operands; `compute_fraction` is ours over it.
 
-On one CPU device our sampler runs its decode steps in the CPU kernels (cpu_kernels.py); the
-same sampler on XLA's own ops is timed too ("ours, XLA ops"), which shows what they bring.
+The layer loop runs unrolled (`unroll_layers`, XLA's CPU backend would otherwise copy each
+layer's weights out of the stacked arrays on every step); `--scan-layers` keeps the scan, as a
+GPU or TPU run may prefer.
 
 Prints a table, then one JSON line: `ratio` (ours / transformers tokens/s at the first batch
 size), `ratio_b32`, `roofline_fraction` (ours / copy-bandwidth limit at the first batch size),
@@ -26,7 +27,6 @@ size), `ratio_b32`, `roofline_fraction` (ours / copy-bandwidth limit at the firs
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -42,7 +42,7 @@ import numpy as np
 from cacherl_jax import reference
 from cacherl_jax.model import count_params, load_hf_checkpoint, presets
 from cacherl_jax.precision import full_float32_matmuls
-from cacherl_jax.sampling import Sampler, SamplingParams, cpu_kernels
+from cacherl_jax.sampling import Sampler, SamplingParams
 
 ON_GPU = jax.default_backend() == "gpu"  # then transformers runs on the GPU too
 
@@ -78,19 +78,16 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> tuple[float, fl
 
 
 def measure_matmul_rate(size: int = 2048, repeats: int = 5) -> float:
-    """The best float32 matmul FLOP/s seen here: XLA's dot, and the CPU kernel's packed matmul
-    where it runs, on [size, size] x [size, size]."""
+    """The best float32 matmul FLOP/s of XLA's dot seen here, on [size, size] x [size, size]."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    runs = [(jax.jit(lambda a, b: jnp.dot(a, b, precision="highest")), a)]
-    if cpu_kernels.usable(jax.devices(), jnp.float32):
-        runs.append((jax.jit(cpu_kernels.packed_matmul), cpu_kernels.pack(a)))
-    best = float("inf")
-    for matmul, left in runs:
-        run = functools.partial(lambda f, x: f(x, b).block_until_ready(), matmul, left)
-        run()  # compilation
-        best = min(best, *(_timed(run) for _ in range(repeats)))
-    return 2 * size**3 / best
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
+
+    def run():
+        matmul(a, b).block_until_ready()
+
+    run()  # compilation
+    return 2 * size**3 / min(_timed(run) for _ in range(repeats))
 
 
 def flops_per_call(config, n_params: int, batch: int, prompt_len: int, new: int) -> float:
@@ -125,6 +122,11 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="keep the layer scan rolled (default: unrolled, faster on CPU)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -132,7 +134,7 @@ def main() -> None:
     full_float32_matmuls()  # as `cacherl serve` does: float32 like torch's, not TF32, on a GPU
     torch.set_num_threads(args.torch_threads)
     torch_device = "cuda" if ON_GPU else "cpu"
-    config = presets.preset(args.model)
+    config = presets.preset(args.model, unroll_layers=not args.scan_layers)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = reference.random_hf_model(config)
         hf_model.save_pretrained(tmp)
@@ -140,15 +142,13 @@ def main() -> None:
     hf_model.to(torch_device)
     n_params = count_params(params)
     sampler = Sampler(params, config)
-    # The same sampler on XLA's own ops, where the CPU kernels run by default: their gain.
-    xla_sampler = Sampler(params, config, cpu_kernels=False) if sampler.cpu_kernels else None
     bandwidth, read_bandwidth = measure_bandwidth()
     matmul_rate = measure_matmul_rate()
     rng = np.random.default_rng(0)
     new = args.new_tokens
     context = args.prompt_len + (new - 1) / 2
 
-    rows, read_limits, xla_rates, compute_limits = [], [], [], []
+    rows, read_limits, compute_limits = [], [], []
     for batch in args.batches:
         prompts_BxT = rng.integers(0, config.vocab_size, (batch, args.prompt_len))
         sampling = [
@@ -156,7 +156,7 @@ def main() -> None:
             for row in range(batch)
         ]
 
-        def ours(prompts_BxT=prompts_BxT, sampling=sampling, sampler=sampler):
+        def ours(prompts_BxT=prompts_BxT, sampling=sampling):
             generations = sampler.generate(prompts_BxT.tolist(), sampling)
             assert all(len(g) == new for g in generations)
 
@@ -179,11 +179,6 @@ def main() -> None:
             assert out.cpu().shape == (batch, args.prompt_len + new)  # .cpu() waits for the GPU
 
         ours_rate = batch * new / _median_seconds(ours, args.repeats)
-        xla_rate = (
-            float("nan")
-            if xla_sampler is None
-            else batch * new / _median_seconds(lambda: ours(sampler=xla_sampler), args.repeats)
-        )
         hf_rate = (
             float("nan")
             if args.skip_transformers
@@ -191,7 +186,6 @@ def main() -> None:
         )
         step_bytes = bytes_per_step(config, n_params, batch, context)
         rows.append((batch, ours_rate, hf_rate, batch * bandwidth / step_bytes))
-        xla_rates.append(xla_rate)
         read_limits.append(batch * read_bandwidth / step_bytes)
         flops = flops_per_call(config, n_params, batch, args.prompt_len, new)
         compute_limits.append(batch * new * matmul_rate / flops)
@@ -204,19 +198,19 @@ def main() -> None:
         f"{jax.devices()[0].device_kind if ON_GPU else f'{os.cpu_count()} CPU cores'}, torch threads "
         f"{args.torch_threads}, bandwidth {bandwidth / 1e9:.1f} GB/s copy / "
         f"{read_bandwidth / 1e9:.1f} GB/s read, matmuls {matmul_rate / 1e9:.0f} GFLOP/s; "
-        f"jax {jax.__version__} / torch {torch.__version__}; "
-        f"{cpu_kernels.info() if sampler.cpu_kernels else 'cpu kernels: off'}"
+        f"layers {'scanned' if args.scan_layers else 'unrolled'}; "
+        f"jax {jax.__version__} / torch {torch.__version__}"
     )
     print(
-        f"{'batch':>5} {'ours tok/s':>11} {'ours, XLA ops':>14} {'transformers tok/s':>19} "
+        f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} "
         f"{'ratio':>6} {'roofline tok/s':>15} {'of roofline':>12} {'of read roofline':>17} "
         f"{'compute limit tok/s':>20} {'of compute limit':>17}"
     )
-    for (batch, ours_rate, hf_rate, limit), read_limit, xla_rate, compute_limit in zip(
-        rows, read_limits, xla_rates, compute_limits, strict=True
+    for (batch, ours_rate, hf_rate, limit), read_limit, compute_limit in zip(
+        rows, read_limits, compute_limits, strict=True
     ):
         print(
-            f"{batch:>5} {ours_rate:>11.0f} {xla_rate:>14.0f} {hf_rate:>19.0f} "
+            f"{batch:>5} {ours_rate:>11.0f} {hf_rate:>19.0f} "
             f"{ours_rate / hf_rate:>6.2f} {limit:>15.0f} {ours_rate / limit:>12.2f} "
             f"{ours_rate / read_limit:>17.2f} {compute_limit:>20.0f} "
             f"{ours_rate / compute_limit:>17.2f}"
@@ -229,16 +223,15 @@ def main() -> None:
         "bandwidth_gb_per_s": round(bandwidth / 1e9, 2),
         "read_bandwidth_gb_per_s": round(read_bandwidth / 1e9, 2),
         "matmul_gflop_per_s": round(matmul_rate / 1e9, 1),
-        "cpu_kernels": sampler.cpu_kernels,
+        "unroll_layers": not args.scan_layers,
     }
-    for i, ((batch, ours_rate, hf_rate, limit), read_limit, xla_rate, compute_limit) in enumerate(
-        zip(rows, read_limits, xla_rates, compute_limits, strict=True)
+    for i, ((batch, ours_rate, hf_rate, limit), read_limit, compute_limit) in enumerate(
+        zip(rows, read_limits, compute_limits, strict=True)
     ):
         suffix = "" if i == 0 else f"_b{batch}"
         result |= {
             f"batch{suffix}": batch,
             f"tokens_per_s{suffix}": round(ours_rate, 1),
-            f"tokens_per_s_xla_ops{suffix}": None if xla_sampler is None else round(xla_rate, 1),
             f"tokens_per_s_transformers{suffix}": None if skipped else round(hf_rate, 1),
             f"ratio{suffix}": None if skipped else round(ours_rate / hf_rate, 3),
             f"roofline_tokens_per_s{suffix}": round(limit, 1),

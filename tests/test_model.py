@@ -10,7 +10,14 @@ import pytest
 from conftest import PARITY_CONFIGS
 
 from cacherl_jax import reference
-from cacherl_jax.model import forward, hidden_states, init_params, load_hf_checkpoint, qwen3
+from cacherl_jax.model import (
+    attention,
+    forward,
+    hidden_states,
+    init_params,
+    load_hf_checkpoint,
+    qwen3,
+)
 
 SEQ_LEN = 520  # long inputs catch RoPE mistakes that short ones hide
 TOLERANCE = 1e-4  # max abs error relative to the largest reference logit (float32)
@@ -203,6 +210,38 @@ def test_remat_gives_identical_logits_and_gradients(rng):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_attention_is_chosen_by_platform_or_config():
+    config = PARITY_CONFIGS["tied-theta1e6-gqa2"]
+    platform_choice = "cpu_blocked" if jax.default_backend() == "cpu" else "xla"
+    assert attention.implementation(config) == platform_choice
+    for impl in ("xla", "cpu_blocked"):
+        assert attention.implementation(config.replace(attention_impl=impl)) == impl
+    with pytest.raises(ValueError, match="attention_impl"):
+        config.replace(attention_impl="splash")
+
+
+def test_attention_implementations_agree(rng):
+    """`jax.nn.dot_product_attention` ("xla", what GPUs and TPUs run) and the CPU form give the
+    same logits and gradients, packed examples and padding included."""
+    config = PARITY_CONFIGS["untied-theta5e6-headdim24-gqa3"].replace(attention_block=48)
+    params = init_params(config, jax.random.key(3))
+    tokens_BxT = jnp.asarray(rng.integers(0, config.vocab_size, (2, 130)))
+    segments_BxT = jnp.asarray([[1] * 60 + [2] * 60 + [0] * 10, [3] * 130])
+
+    def loss(params, config):
+        logits = forward(params, config, tokens_BxT, segment_ids_BxT=segments_BxT)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    results = {}
+    for impl in ("xla", "cpu_blocked"):
+        grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+        results[impl] = grad(params, config.replace(attention_impl=impl))
+    (xla_grads, xla_logits), (cpu_grads, cpu_logits) = results["xla"], results["cpu_blocked"]
+    assert reference.relative_error(np.asarray(cpu_logits), np.asarray(xla_logits)) <= 1e-5
+    for a, b in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(xla_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("block", [None, 64, 100])
 def test_causal_block_skipping_is_exact(block, rng):
     """Skipping fully-masked key blocks changes nothing, for blocks that do or don't divide T."""
@@ -255,7 +294,7 @@ def test_cpu_attention_and_its_backward_pass_match_a_float64_reference(
 
     def ours(q, k, v):
         mask = jnp.asarray(mask_BxTxT)
-        return qwen3._grouped_attention_cpu(q, k, v, mask, config, one_pair_at_a_time)
+        return attention._cpu_self_attention(q, k, v, mask, config, one_pair_at_a_time)
 
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
     out, vjp = jax.vjp(jax.jit(ours), *f32)
@@ -299,7 +338,7 @@ def test_cpu_attention_bfloat16_close_to_float32(one_pair_at_a_time, rng):
     mask_BxTxT = qwen3.attention_mask(segments_BxT, segments_BxT, index_BxT, index_BxT)
 
     def loss(q, k, v):
-        out = qwen3._grouped_attention_cpu(q, k, v, mask_BxTxT, config, one_pair_at_a_time)
+        out = attention._cpu_self_attention(q, k, v, mask_BxTxT, config, one_pair_at_a_time)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -39,20 +39,15 @@ def _scaled(params, scale: float):
     return params if scale == 1 else params | {"lm_head": params["lm_head"] * scale}
 
 
-# Every test that takes `samplers` runs twice: decode steps in the CPU kernels (cpu_kernels.py,
-# what a CPU sampler runs) and in XLA's own ops (what a GPU or TPU sampler runs). On a GPU or TPU
-# (experiments/gpu_check.sh) only the second exists.
-@pytest.fixture(scope="module", params=["cpu_kernels", "xla"])
-def samplers(tiny, request):
+@pytest.fixture(scope="module")
+def samplers(tiny):
     """`samplers(scale)` -> (params, Sampler) with the output projection scaled."""
-    if request.param == "cpu_kernels" and jax.default_backend() != "cpu":
-        pytest.skip(f"the CPU kernels do not run on {jax.default_backend()}")
     made = {}
 
     def get(scale: float = 1.0):
         if scale not in made:
             params = _scaled(tiny[0], scale)
-            sampler = Sampler(params, TINY, cpu_kernels=request.param == "cpu_kernels")
+            sampler = Sampler(params, TINY)
             made[scale] = params, sampler
         return made[scale]
 
@@ -139,15 +134,15 @@ def test_prefill_window_reads_only_the_first_slots(tiny, rng):
     """A fresh cache's prefill attends over the prompt's slots only (`extend(window=...)`): the
     cache and logits of attending over every slot, and slots past the window are not read
     (NaN there poisons the full-cache attention, not the windowed one)."""
-    weights = kv_cache.sampling_weights(tiny[0], TINY)
+    params = tiny[0]
     B, T, S = 3, 16, 48
     tokens_BxT = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, T)), jnp.int32)
     valid_BxT = jnp.asarray(np.arange(T)[None, :] >= np.array([[0], [5], [11]]))
     extend = jax.jit(functools.partial(kv_cache.extend, config=TINY), static_argnames="window")
     clean = kv_cache.init_cache(TINY, B, S)
-    full, logits_full = extend(weights, cache=clean, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT)
+    full, logits_full = extend(params, cache=clean, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT)
     windowed, logits = extend(
-        weights, cache=clean, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT, window=T
+        params, cache=clean, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT, window=T
     )
     # Equal up to float32 rounding: XLA sums the softmax over fewer slots, in another order.
     np.testing.assert_allclose(logits, logits_full, rtol=1e-5, atol=1e-5)
@@ -155,15 +150,31 @@ def test_prefill_window_reads_only_the_first_slots(tiny, rng):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     garbage = dataclasses.replace(
         clean,
-        k=tuple(k.at[..., T:].set(jnp.nan) for k in clean.k),
-        v=tuple(v.at[:, :, T:].set(jnp.nan) for v in clean.v),
+        k=clean.k.at[:, :, :, T:].set(jnp.nan),
+        v=clean.v.at[:, :, :, T:].set(jnp.nan),
     )
-    _, poisoned = extend(weights, cache=garbage, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT)
-    _, guarded = extend(
-        weights, cache=garbage, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT, window=T
-    )
+    _, poisoned = extend(params, cache=garbage, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT)
+    _, guarded = extend(params, cache=garbage, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT, window=T)
     assert np.isnan(poisoned).all()
     np.testing.assert_array_equal(guarded, logits)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"attention_impl": "xla"}, {"unroll_layers": True}],
+    ids=["xla-attention", "unrolled"],
+)
+def test_other_attention_and_layer_loop_generate_the_same(variant, samplers, rng):
+    """The sampler on `jax.nn.dot_product_attention` (what GPUs and TPUs run) and with the layer
+    loop unrolled (per-layer weights) generates what the default CPU configuration does."""
+    params, sampler = samplers()
+    prompts = _prompts(rng, [5, 16, 11])
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=16, seed=3)
+    expected = sampler.generate(prompts, sampling)
+    got = Sampler(params, TINY.replace(**variant)).generate(prompts, sampling)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LOGPROB_TOLERANCE)
 
 
 def test_logprobs_equal_training_forward(samplers, rng):
@@ -441,7 +452,7 @@ def test_sharded_over_a_mesh_matches_one_device(samplers, rng):
     prompts = _prompts(rng, [5, 12, 3])
     sampling = SamplingParams(temperature=1.0, max_new_tokens=16, seed=5)
     state, on_mesh = Sampler(sharded_params, TINY, mesh=mesh).start(prompts, sampling)
-    assert state.cache.k[0].sharding.spec[0] == ("data", "fsdp", "tensor")
+    assert state.cache.k.sharding.spec[1] == ("data", "fsdp", "tensor")  # [L, B, K, S, D]
     for a, b in zip(on_mesh, single.generate(prompts, sampling), strict=True):
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LOGPROB_TOLERANCE)

@@ -1,4 +1,5 @@
-"""Qwen3 in pure JAX: config, parameters, forward pass and Hugging Face checkpoints."""
+"""Qwen3 in pure JAX: config, parameters, forward pass (attention picked per platform in
+`attention.py`) and Hugging Face checkpoints."""
 
 from cacherl_jax.model.config import CheckpointError, Qwen3Config, UnsupportedCheckpointError
 from cacherl_jax.model.hf_checkpoint import load_hf_checkpoint, read_config, save_hf_checkpoint

@@ -11,6 +11,8 @@ from cacherl_jax.errors import UserError
 ARCHITECTURE = "Qwen3ForCausalLM"
 
 _COMPUTE_DTYPES = ("float32", "bfloat16")
+# "auto": the platform's (attention.implementation); the others name one of attention.py's.
+ATTENTION_IMPLS = ("auto", "xla", "cpu_blocked")
 
 
 class CheckpointError(UserError, ValueError):
@@ -26,7 +28,16 @@ class Qwen3Config:
     """Shapes of a Qwen3 dense decoder plus how to compute it.
 
     The first block of fields is the architecture (round-trips through Hugging Face's
-    `config.json`); `compute_dtype` and `remat` say how to run it and are not exported.
+    `config.json`); the second says how to run it and is not exported:
+
+    - `compute_dtype`: activations and matmul inputs ("float32" or "bfloat16"); norms, softmax
+      and RoPE run in float32 whatever it is.
+    - `remat`: recompute each block in the backward pass instead of keeping its activations.
+    - `attention_block`: queries per block of the training forward's attention, which skips
+      the keys after each block's end (None: one block).
+    - `unroll_layers`: unroll the layer scan (faster on CPU, compile time grows with depth).
+    - `attention_impl`: "auto" (the platform's choice, see `model/attention.py`), "xla"
+      (`jax.nn.dot_product_attention`) or "cpu_blocked" (the form written for XLA's CPU backend).
     """
 
     vocab_size: int
@@ -47,6 +58,7 @@ class Qwen3Config:
     remat: bool = False
     attention_block: int | None = 128
     unroll_layers: bool = False
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # keep the config hashable (it is a jit static arg)
@@ -61,6 +73,10 @@ class Qwen3Config:
         if self.attention_block is not None and self.attention_block <= 0:
             raise ValueError(
                 f"attention_block must be positive or None, got {self.attention_block}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(

@@ -1,18 +1,28 @@
-"""A pure-functional Qwen3 dense decoder.
+"""A pure-functional Qwen3 dense decoder: one layer code for training and for cached decoding.
 
 Matches `transformers.Qwen3ForCausalLM`: pre-norm blocks, grouped-query attention with per-head
 RMSNorm on queries and keys (before RoPE), rotate-half RoPE, SwiGLU MLP, no biases.
 
-Padding and packing are both expressed with segment ids (0 = padding): a query attends to keys
-at or before its own index that carry the same segment id. Real tokens therefore never see pad
-keys or other packed examples; a pad query sees only pad keys (at least itself), so no softmax row
-is empty.
+The blocks run as a `lax.scan` over the stacked layer parameters (`config.unroll_layers` unrolls
+it), in one of two modes of the same code (`layers`):
 
-Norms, softmax and RoPE run in float32 whatever the compute dtype; logits are float32.
+- a whole sequence (`forward`, `hidden_states`: training and scoring). Padding and packing are
+  both expressed with segment ids (0 = padding): a query attends to keys at or before its own
+  index that carry the same segment id. Real tokens therefore never see pad keys or other packed
+  examples; a pad query sees only pad keys (at least itself), so no softmax row is empty.
+- a chunk of T new tokens against a KV cache (`KVSlots`; the sampler's `kv_cache.extend`): each
+  block writes the chunk's keys and values into its layer's slots of the stacked cache, which is
+  carried through the scan so that a decode loop updates it in place, and attends over the
+  cache's slots under a mask the caller builds.
+
+Attention itself is `model/attention.py`'s, which picks the implementation for the platform;
+nothing here depends on the backend. Norms, softmax and RoPE run in float32 whatever the compute
+dtype; logits are float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -20,25 +30,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cacherl_jax.model import attention as attention_impl
 from cacherl_jax.model.config import Qwen3Config
 from cacherl_jax.model.params import Params
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axis: int = -1) -> jax.Array:
-    """RMSNorm over `axis` (the last by default; the sampler's feature-major activations use
-    others) in float32, cast back before the scale as transformers does."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis in float32, cast back before the scale as transformers does."""
     x32 = x.astype(jnp.float32)
-    x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return weight.reshape(shape).astype(x.dtype) * x32.astype(x.dtype)
+    x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
 def dense(x: jax.Array, w: jax.Array, n_contract: int = 1, **dot_kwargs) -> jax.Array:
     """Contracts the last `n_contract` axes of `x` with the first ones of `w`, as one 2-D matmul.
 
-    Same result as the equivalent einsum, but XLA's CPU backend runs the 2-D form (and above all
-    its weight gradient, a contraction over batch and sequence) close to twice as fast.
+    Same result as the equivalent einsum; XLA's CPU backend runs the 2-D form (and above all its
+    weight gradient, a contraction over batch and sequence) markedly faster.
     """
     lead, contract, out = x.shape[: x.ndim - n_contract], w.shape[:n_contract], w.shape[n_contract:]
     x_NxI = x.reshape(math.prod(lead), math.prod(contract))
@@ -96,6 +104,52 @@ def attention_mask(
     return causal_BxTxS & same_segment_BxTxS
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVSlots:
+    """A KV cache as the blocks see it: where a chunk of T new tokens goes and what it reads.
+
+    `k_LxBxKxSxD`, `v_LxBxKxSxD`: every layer's keys (normed, rotated) and values, by row, kv
+    head and slot; a kv-head axis of its own, so the cache shards over heads as `wk`/`wv` do.
+    Either stacked arrays, or tuples of per-layer [B, K, S, D] arrays for `layers`' Python loop
+    (so that a loop around it reads each layer's buffer in place rather than a copy sliced out
+    of the stack). `start`: the first of the T slots the chunk writes (the same for every row;
+    the caller keeps `start + T` within S, since a write past the end is clamped onto earlier
+    slots). `window` (static): attention reads slots [0, window) only (None: all S), for a
+    caller that knows no later slot holds a token.
+    """
+
+    k_LxBxKxSxD: jax.Array | tuple[jax.Array, ...]
+    v_LxBxKxSxD: jax.Array | tuple[jax.Array, ...]
+    start: jax.Array
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def write_and_read(
+        self, layer_index: jax.Array | int, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array
+    ) -> tuple[KVSlots, jax.Array, jax.Array]:
+        """Writes one layer's new keys and values at slots `start`..; returns the cache and that
+        layer's keys and values over the window, [B, K, W, D]."""
+        # Only the chunk's slots are written: in place when the cache is donated or carried by
+        # a loop (a whole-layer write would copy the layer every step).
+        k_all, k_BxKxWxD = self._write_and_read(self.k_LxBxKxSxD, layer_index, k_BxTxKxD)
+        v_all, v_BxKxWxD = self._write_and_read(self.v_LxBxKxSxD, layer_index, v_BxTxKxD)
+        return dataclasses.replace(self, k_LxBxKxSxD=k_all, v_LxBxKxSxD=v_all), k_BxKxWxD, v_BxKxWxD
+
+    def _write_and_read(self, buffers, layer_index, x_BxTxKxD):
+        x_BxKxTxD = x_BxTxKxD.transpose(0, 2, 1, 3)
+        if isinstance(buffers, tuple):  # per layer, `layer_index` a Python int
+            buffer_BxKxSxD = lax.dynamic_update_slice(
+                buffers[layer_index], x_BxKxTxD, (0, 0, self.start, 0)
+            )
+            buffers = (*buffers[:layer_index], buffer_BxKxSxD, *buffers[layer_index + 1 :])
+            return buffers, buffer_BxKxSxD[:, :, : self.window]
+        at = (layer_index, 0, 0, self.start, 0)
+        buffers = lax.dynamic_update_slice(buffers, x_BxKxTxD[None], at)
+        _, B, K, S, D = buffers.shape
+        size = (1, B, K, self.window or S, D)
+        return buffers, lax.dynamic_slice(buffers, (layer_index, 0, 0, 0, 0), size)[0]
+
+
 def attention(
     layer: Params,
     config: Qwen3Config,
@@ -103,272 +157,28 @@ def attention(
     cos_BxTxD: jax.Array,
     sin_BxTxD: jax.Array,
     mask_BxTxS: jax.Array,
-) -> jax.Array:
-    """Self-attention of one block (the query/key/value all come from `h_BxTxE`)."""
+    cache: KVSlots | None = None,
+    layer_index: jax.Array | None = None,
+) -> tuple[jax.Array, KVSlots | None]:
+    """Self-attention of one block: over the chunk itself, or (with `cache`) over the cache's
+    slots after writing the chunk's keys and values into layer `layer_index`'s."""
     eps = config.rms_norm_eps
     q_BxTxHxD = dense(h_BxTxE, layer["wq"])
     k_BxTxKxD = dense(h_BxTxE, layer["wk"])
     v_BxTxKxD = dense(h_BxTxE, layer["wv"])
     q_BxTxHxD = apply_rope(rms_norm(q_BxTxHxD, layer["q_norm"], eps), cos_BxTxD, sin_BxTxD)
     k_BxTxKxD = apply_rope(rms_norm(k_BxTxKxD, layer["k_norm"], eps), cos_BxTxD, sin_BxTxD)
-    out_BxTxHxD = causal_self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxS, config)
-    return dense(out_BxTxHxD, layer["wo"], n_contract=2)
-
-
-def causal_self_attention(
-    q_BxTxHxD: jax.Array,
-    k_BxTxKxD: jax.Array,
-    v_BxTxKxD: jax.Array,
-    mask_BxTxT: jax.Array,
-    config: Qwen3Config,
-) -> jax.Array:
-    """Attention over one sequence whose mask is causal by index (plus segment structure).
-
-    With `config.attention_block`, queries go in blocks and each block attends only to the keys
-    up to its own end: the blocks above the diagonal are all masked, so skipping them is exact and
-    saves close to half the work (measured 1.6x faster forward+backward on CPU at 512 tokens).
-    """
-    if jax.default_backend() == "cpu":
-        return _grouped_attention_cpu(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)
-    T = q_BxTxHxD.shape[1]
-    block = config.attention_block
-    if block is None or block >= T:
-        return _dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)
-    outs = []
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        outs.append(
-            _dot_product_attention(
-                q_BxTxHxD[:, start:stop],
-                k_BxTxKxD[:, :stop],
-                v_BxTxKxD[:, :stop],
-                mask_BxTxT[:, start:stop, :stop],
-                config,
-            )
+    if cache is None:
+        out_BxTxHxD = attention_impl.self_attention(
+            q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxS, config
         )
-    return jnp.concatenate(outs, axis=1)
-
-
-def _dot_product_attention(
-    q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, config: Qwen3Config
-) -> jax.Array:
-    # XLA on TPU; on recent NVIDIA GPUs the same call can dispatch to cuDNN flash attention.
-    # Grouped-query attention is native: H query heads share K key/value heads.
-    return jax.nn.dot_product_attention(
-        q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxTxS[:, None, :, :], scale=config.head_dim**-0.5
-    )
-
-
-def _grouped_attention_cpu(
-    q_BxTxHxD: jax.Array,
-    k_BxTxKxD: jax.Array,
-    v_BxTxKxD: jax.Array,
-    mask_BxTxT: jax.Array,
-    config: Qwen3Config,
-    one_pair_at_a_time: bool | None = None,
-) -> jax.Array:
-    """The same attention written out for XLA's CPU backend, with the same causal block skipping.
-
-    The G query heads that share a key/value head are stacked as rows, so each (batch, kv head)
-    pair attends with [G*Q, D] x [D, S] matmuls on contiguous operands (the transposes fuse into
-    RoPE), and the scale goes on q (T*D multiplies, not T*S).
-
-    `one_pair_at_a_time` (default: when this process sees one device) runs the pairs in turn with
-    a hand-written backward pass (`_pair_attention`: faster on one CPU, less memory). Across
-    devices the loop would gather the batch onto every device (XLA partitions a loop over a
-    sharded axis by replicating it), so there the pairs go through the batched form below.
-    """
-    B, T, H, D = q_BxTxHxD.shape
-    K = k_BxTxKxD.shape[2]
-    G = H // K
-    block = min(config.attention_block or T, T)
-    scale = jnp.asarray(config.head_dim**-0.5, q_BxTxHxD.dtype)
-    q_BxKxGxTxD = (q_BxTxHxD * scale).reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4)
-    k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
-    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
-    if one_pair_at_a_time is None:
-        one_pair_at_a_time = jax.device_count() == 1
-    if one_pair_at_a_time:  # N = B * K (batch, kv head) pairs
-        out_NxGxTxD = _pair_attention(
-            q_BxKxGxTxD.reshape(B * K, G, T, D),
-            k_BxKxTxD.reshape(B * K, T, D),
-            v_BxKxTxD.reshape(B * K, T, D),
-            mask_BxTxT,
-            block,
-        )
-        out_BxKxGxTxD = out_NxGxTxD.reshape(B, K, G, T, D)
     else:
-        out_BxKxGxTxD = _batched_attention(q_BxKxGxTxD, k_BxKxTxD, v_BxKxTxD, mask_BxTxT, block)
-    return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
-
-
-def _batched_attention(q_BxKxGxTxD, k_BxKxTxD, v_BxKxTxD, mask_BxTxT, block):
-    """All pairs at once, differentiated by autodiff; normalised after the value matmul (a
-    [Q, D] divide, not [Q, S])."""
-    B, K, G, T, D = q_BxKxGxTxD.shape
-    outs = []
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        Q = stop - start  # queries in this block; R = G * Q rows once the group is stacked
-        q_BxKxRxD = q_BxKxGxTxD[:, :, :, start:stop].reshape(B, K, G * Q, D)
-        logits_BxKxRxS = jnp.einsum(
-            "bkrd,bksd->bkrs",
-            q_BxKxRxD,
-            k_BxKxTxD[:, :, :stop],
-            preferred_element_type=jnp.float32,
+        cache, k_BxKxWxD, v_BxKxWxD = cache.write_and_read(layer_index, k_BxTxKxD, v_BxTxKxD)
+        W = k_BxKxWxD.shape[2]
+        out_BxTxHxD = attention_impl.cached_attention(
+            q_BxTxHxD, k_BxKxWxD, v_BxKxWxD, mask_BxTxS[..., :W], config
         )
-        logits_BxKxGxQxS = logits_BxKxRxS.reshape(B, K, G, Q, stop)
-        mask_Bx1x1xQxS = mask_BxTxT[:, None, None, start:stop, :stop]
-        logits_BxKxGxQxS = jnp.where(mask_Bx1x1xQxS, logits_BxKxGxQxS, -jnp.inf)
-        # Every row keeps at least its own key, so the max is finite.
-        max_BxKxGxQx1 = lax.stop_gradient(jnp.max(logits_BxKxGxQxS, axis=-1, keepdims=True))
-        exp_BxKxGxQxS = jnp.exp(logits_BxKxGxQxS - max_BxKxGxQx1)
-        sum_BxKxGxQx1 = jnp.sum(exp_BxKxGxQxS, axis=-1, keepdims=True)
-        out_BxKxRxD = jnp.einsum(
-            "bkrs,bksd->bkrd",
-            exp_BxKxGxQxS.reshape(B, K, G * Q, stop).astype(v_BxKxTxD.dtype),
-            v_BxKxTxD[:, :, :stop],
-            preferred_element_type=jnp.float32,
-        )
-        out_BxKxGxQxD = out_BxKxRxD.reshape(B, K, G, Q, D) / sum_BxKxGxQx1
-        outs.append(out_BxKxGxQxD.astype(q_BxKxGxTxD.dtype))
-    return jnp.concatenate(outs, axis=3)
-
-
-def _query_blocks(T: int, block: int) -> list[tuple[int, int]]:
-    return [(start, min(start + block, T)) for start in range(0, T, block)]
-
-
-def _pair_logits(q_GxQxD: jax.Array, k_SxD: jax.Array, mask_QxS: jax.Array) -> jax.Array:
-    """Masked float32 logits [G, Q, S] of one query block against the keys before its end."""
-    G, Q, D = q_GxQxD.shape
-    logits_RxS = jnp.matmul(
-        q_GxQxD.reshape(G * Q, D), k_SxD.T, preferred_element_type=jnp.float32
-    )  # R = G * Q rows: the group's heads stacked
-    return jnp.where(mask_QxS, logits_RxS.reshape(G, Q, -1), -jnp.inf)
-
-
-def _pair_forward(q_GxTxD, k_TxD, v_TxD, mask_TxT, block):
-    """One (batch, kv head) pair: (out [G, T, D], row max [G, T, 1], 1 / row sum [G, T, 1])."""
-    G, T, D = q_GxTxD.shape
-    outs, maxes, inverse_sums = [], [], []
-    for start, stop in _query_blocks(T, block):
-        Q = stop - start
-        logits_GxQxS = _pair_logits(
-            q_GxTxD[:, start:stop], k_TxD[:stop], mask_TxT[start:stop, :stop]
-        )
-        # Every row keeps at least its own key, so the max is finite.
-        max_GxQx1 = jnp.max(logits_GxQxS, axis=-1, keepdims=True)
-        exp_GxQxS = jnp.exp(logits_GxQxS - max_GxQx1)
-        inverse_sum_GxQx1 = 1.0 / jnp.sum(exp_GxQxS, axis=-1, keepdims=True)
-        # Normalised after the value matmul: a [Q, D] multiply, not [Q, S].
-        out_RxD = jnp.matmul(
-            exp_GxQxS.reshape(G * Q, stop).astype(v_TxD.dtype),
-            v_TxD[:stop],
-            preferred_element_type=jnp.float32,
-        )
-        outs.append((out_RxD.reshape(G, Q, D) * inverse_sum_GxQx1).astype(q_GxTxD.dtype))
-        maxes.append(max_GxQx1)
-        inverse_sums.append(inverse_sum_GxQx1)
-    return (
-        jnp.concatenate(outs, axis=1),
-        jnp.concatenate(maxes, axis=1),
-        jnp.concatenate(inverse_sums, axis=1),
-    )
-
-
-def _pair_backward(
-    q_GxTxD, k_TxD, v_TxD, out_GxTxD, max_GxTx1, inverse_sum_GxTx1, d_out_GxTxD, mask_TxT, block
-):
-    """Gradients (dq, dk, dv) of one pair, the softmax recomputed from the saved row stats.
-
-    dk and dv are accumulated transposed, [D, T], as `q^T @ d logits` and `d out^T @ p`: XLA's
-    CPU backend runs a matmul contracting both operands' first axes (`d logits^T @ q`) on a
-    slower path than the plain form with a small [D, R] operand transposed first (attention
-    forward + backward of one bench_29m layer 100 -> 92 ms)."""
-    G, T, D = q_GxTxD.shape
-    f32 = jnp.float32
-    dq_blocks = []
-    d_k_transposed_DxT = jnp.zeros((D, T), f32)
-    d_v_transposed_DxT = jnp.zeros((D, T), f32)
-    for start, stop in _query_blocks(T, block):
-        Q = stop - start
-        R = G * Q
-        q_GxQxD = q_GxTxD[:, start:stop]
-        logits_GxQxS = _pair_logits(q_GxQxD, k_TxD[:stop], mask_TxT[start:stop, :stop])
-        p_GxQxS = (
-            jnp.exp(logits_GxQxS - max_GxTx1[:, start:stop]) * inverse_sum_GxTx1[:, start:stop]
-        )
-        d_out_GxQxD = d_out_GxTxD[:, start:stop]
-        # Softmax backward: d logits = p * (d p - rowsum(d out * out)).
-        delta_GxQx1 = jnp.sum(
-            d_out_GxQxD.astype(f32) * out_GxTxD[:, start:stop].astype(f32), axis=-1, keepdims=True
-        )
-        d_out_RxD = d_out_GxQxD.reshape(R, D).astype(v_TxD.dtype)
-        d_p_RxS = jnp.matmul(d_out_RxD, v_TxD[:stop].T, preferred_element_type=f32)
-        d_logits_GxQxS = p_GxQxS * (d_p_RxS.reshape(G, Q, stop) - delta_GxQx1)
-        d_logits_RxS = d_logits_GxQxS.reshape(R, stop).astype(q_GxTxD.dtype)
-        p_RxS = p_GxQxS.reshape(R, stop).astype(v_TxD.dtype)
-        d_v_transposed_DxT = d_v_transposed_DxT.at[:, :stop].add(
-            jnp.matmul(d_out_RxD.T, p_RxS, preferred_element_type=f32)
-        )
-        dq_RxD = jnp.matmul(d_logits_RxS, k_TxD[:stop], preferred_element_type=f32)
-        dq_blocks.append(dq_RxD.reshape(G, Q, D))
-        d_k_transposed_DxT = d_k_transposed_DxT.at[:, :stop].add(
-            jnp.matmul(q_GxQxD.reshape(R, D).T, d_logits_RxS, preferred_element_type=f32)
-        )
-    dq_GxTxD = jnp.concatenate(dq_blocks, axis=1)
-    return (
-        dq_GxTxD.astype(q_GxTxD.dtype),
-        d_k_transposed_DxT.T.astype(k_TxD.dtype),
-        d_v_transposed_DxT.T.astype(v_TxD.dtype),
-    )
-
-
-def _map_pairs(fn, mask_BxTxT: jax.Array, *pairs_N: jax.Array):
-    """`fn(*pair, mask)` for each (batch, kv head) pair in turn, the mask row taken by batch."""
-    N, B = pairs_N[0].shape[0], mask_BxTxT.shape[0]
-    K = N // B
-
-    def one(xs):
-        n, *pair = xs
-        return fn(*pair, lax.dynamic_index_in_dim(mask_BxTxT, n // K, keepdims=False))
-
-    return lax.map(one, (jnp.arange(N), *pairs_N))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _pair_attention(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block):
-    """Blocked causal attention of every (batch, kv head) pair, one pair at a time.
-
-    One pair's largest logits block (at the benchmark's shapes [2 * 128, 512] float32, 0.5 MB)
-    fits in a core's L2 cache here, so the masking, softmax and both matmuls of a block run on
-    cached data, where over the whole batch at once every [R, S] pass streams tens of MB from
-    memory. Measured at bench_29m shapes (8 x 512 tokens, one layer): forward 1.3-1.4x faster,
-    forward + backward 7-12% faster than `_batched_attention`. The backward pass recomputes each
-    block's softmax from the saved row max and sum (flash-attention style) instead of keeping
-    every block's exponentials: XLA plans 0.28 GiB less for the benchmark's SFT step.
-    """
-    return _pair_attention_fwd(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block)[0]
-
-
-def _pair_attention_fwd(q_NxGxTxD, k_NxTxD, v_NxTxD, mask_BxTxT, block):
-    forward = functools.partial(_pair_forward, block=block)
-    out_NxGxTxD, max_NxGxTx1, inverse_sum_NxGxTx1 = _map_pairs(
-        forward, mask_BxTxT, q_NxGxTxD, k_NxTxD, v_NxTxD
-    )
-    pairs = (q_NxGxTxD, k_NxTxD, v_NxTxD, out_NxGxTxD, max_NxGxTx1, inverse_sum_NxGxTx1)
-    return out_NxGxTxD, (mask_BxTxT, pairs)
-
-
-def _pair_attention_bwd(block, residuals, d_out_NxGxTxD):
-    mask_BxTxT, pairs = residuals
-    backward = functools.partial(_pair_backward, block=block)
-    dq, dk, dv = _map_pairs(backward, mask_BxTxT, *pairs, d_out_NxGxTxD)
-    return dq, dk, dv, None
-
-
-_pair_attention.defvjp(_pair_attention_fwd, _pair_attention_bwd)
+    return dense(out_BxTxHxD, layer["wo"], n_contract=2), cache
 
 
 def mlp(layer: Params, h_BxTxE: jax.Array) -> jax.Array:
@@ -383,9 +193,7 @@ def swiglu_down(gate_BxTxF: jax.Array, up_BxTxF: jax.Array, w_down_FxE: jax.Arra
 
     Autodiff would also keep sigmoid(gate), silu(gate) and the product for the backward pass:
     five [tokens, intermediate] arrays per layer where two suffice, since the other three are
-    cheap elementwise functions of these two. Measured on the 29M benchmark model (8 x 512 tokens,
-    float32, CPU): XLA's temporary memory for an SFT step 2.43 -> 2.25 GiB. (XLA's CPU scheduler
-    still computes part of the recomputation early, inside the forward pass.)
+    cheap elementwise functions of these two.
     """
     return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, w_down_FxE)
 
@@ -396,7 +204,7 @@ def _swiglu_down_fwd(gate_BxTxF, up_BxTxF, w_down_FxE):
 
 def _swiglu_down_bwd(residuals, d_out_BxTxE):
     # The barrier keeps XLA from merging this recomputation with the forward pass's, which would
-    # keep the forward's sigmoid alive until here (0.18 GiB more in the benchmark's SFT step).
+    # keep the forward's sigmoid alive until here.
     gate_BxTxF, up_BxTxF, w_down_FxE = lax.optimization_barrier(residuals)
     sigmoid_BxTxF = jax.nn.sigmoid(gate_BxTxF)
     silu_BxTxF = gate_BxTxF * sigmoid_BxTxF
@@ -424,12 +232,76 @@ def block(
     cos_BxTxD: jax.Array,
     sin_BxTxD: jax.Array,
     mask_BxTxS: jax.Array,
-) -> jax.Array:
+    cache: KVSlots | None = None,
+    layer_index: jax.Array | None = None,
+) -> tuple[jax.Array, KVSlots | None]:
     eps = config.rms_norm_eps
     h_BxTxE = rms_norm(x_BxTxE, layer["attn_norm"], eps)
-    x_BxTxE = x_BxTxE + attention(layer, config, h_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxS)
+    attended_BxTxE, cache = attention(
+        layer, config, h_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxS, cache, layer_index
+    )
+    x_BxTxE = x_BxTxE + attended_BxTxE
     h_BxTxE = rms_norm(x_BxTxE, layer["mlp_norm"], eps)
-    return x_BxTxE + mlp(layer, h_BxTxE)
+    return x_BxTxE + mlp(layer, h_BxTxE), cache
+
+
+def layers(
+    params: Params,
+    config: Qwen3Config,
+    x_BxTxE: jax.Array,
+    cos_BxTxD: jax.Array,
+    sin_BxTxD: jax.Array,
+    mask_BxTxS: jax.Array,
+    cache: KVSlots | None = None,
+) -> tuple[jax.Array, KVSlots | None]:
+    """Every block in turn, before the final norm.
+
+    Without `cache` the chunk attends over itself (`mask_BxTxS` is [B, T, T], causal by index);
+    with it, over the cache's slots (`mask_BxTxS` is [B, T, S]), and the returned cache holds the
+    chunk's keys and values. `params["layers"]` stacked ([L, ...] arrays) runs as a `lax.scan`
+    (unrolled with `config.unroll_layers`); as a tuple of per-layer trees (`unstack_layers`) it
+    runs as a Python loop.
+    """
+    dtype = compute_dtype(config)
+    x_BxTxE = x_BxTxE.astype(dtype)
+    as_dtype = functools.partial(jax.tree.map, lambda w: w.astype(dtype))
+
+    def step(carry, xs):
+        x_BxTxE, cache = carry
+        layer, layer_index = xs
+        carry = block(layer, config, x_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxS, cache, layer_index)
+        return carry, None
+
+    if config.remat and cache is None:
+        # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE.
+        step = jax.checkpoint(step, prevent_cse=False)
+    if isinstance(params["layers"], tuple):
+        carry = (x_BxTxE, cache)
+        for layer_index, layer in enumerate(params["layers"]):
+            carry, _ = step(carry, (as_dtype(layer), layer_index))
+        return carry
+    indices_L = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x_BxTxE, cache), _ = lax.scan(
+        step, (x_BxTxE, cache), (as_dtype(params["layers"]), indices_L), unroll=config.unroll_layers
+    )
+    return x_BxTxE, cache
+
+
+def unstack_layers(params: Params) -> Params:
+    """The parameters with `layers` as a tuple of per-layer trees, for `layers`' Python loop.
+
+    A loop that runs the model many times (the sampler's decode loop) unstacks once before it:
+    XLA's CPU backend copies a layer's weights out of the stacked arrays wherever it slices them,
+    which inside the loop would be on every step.
+    """
+    stacked = params["layers"]
+    L = jax.tree.leaves(stacked)[0].shape[0]
+    per_layer = tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(L))
+    return params | {"layers": per_layer}
+
+
+def final_norm(params: Params, config: Qwen3Config, x_BxTxE: jax.Array) -> jax.Array:
+    return rms_norm(x_BxTxE, params["final_norm"], config.rms_norm_eps)
 
 
 def compute_dtype(config: Qwen3Config) -> jnp.dtype:
@@ -454,7 +326,6 @@ def hidden_states(
     materialising [B, T, V] logits, and so tests can differentiate with respect to embeddings.
     """
     B, T = x_BxTxE.shape[:2]
-    dtype = compute_dtype(config)
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((B, T), jnp.int32)
     if positions_BxT is None:
@@ -462,17 +333,8 @@ def hidden_states(
     index_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     mask_BxTxT = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
     cos_BxTxD, sin_BxTxD = rope_tables(positions_BxT, config.head_dim, config.rope_theta)
-
-    layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])
-
-    def step(x_BxTxE, layer):
-        return block(layer, config, x_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxT), None
-
-    if config.remat:
-        # prevent_cse=False is safe (and faster) inside scan, which already blocks CSE.
-        step = jax.checkpoint(step, prevent_cse=False)
-    x_BxTxE, _ = lax.scan(step, x_BxTxE.astype(dtype), layers, unroll=config.unroll_layers)
-    return rms_norm(x_BxTxE, params["final_norm"], config.rms_norm_eps)
+    x_BxTxE, _ = layers(params, config, x_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxT)
+    return final_norm(params, config, x_BxTxE)
 
 
 def unembedding(params: Params) -> jax.Array:

@@ -1,6 +1,6 @@
 """Batched generation with a KV cache (`Sampler`), for rollouts, evaluation and serving."""
 
-from cacherl_jax.sampling.kv_cache import KVCache, extend, init_cache, sampling_weights
+from cacherl_jax.sampling.kv_cache import KVCache, extend, init_cache
 from cacherl_jax.sampling.sampler import (
     STOP_REASONS,
     DecodeState,
@@ -20,5 +20,4 @@ __all__ = [
     "bucket",
     "extend",
     "init_cache",
-    "sampling_weights",
 ]

@@ -24,9 +24,11 @@ needs. Greedy rows (temperature 0) sample from a point mass; for them `logprobs`
 temperature-1 log-probability instead. `raw_logprobs` is always the temperature-1, unfiltered
 log-probability of the token, i.e. what the training forward pass computes.
 
-With a mesh, the batch is split over all of its devices and the (sampling-layout) weights are
-replicated: decoding streams every weight once per step, so data parallelism without per-step
-communication is the fast layout for models whose weights fit on one device.
+The model runs through `kv_cache.extend`, i.e. the model's own layer code, on the parameter
+tree as it is (cast once to the compute dtype). With a mesh, the batch is split over all of its
+devices and the weights are replicated: decoding streams every weight once per step, so data
+parallelism without per-step communication is the fast layout for models whose weights fit on
+one device.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cacherl_jax.model import qwen3
 from cacherl_jax.model.config import Qwen3Config
 from cacherl_jax.model.params import Params
-from cacherl_jax.sampling import cpu_kernels as _cpu_kernels
 from cacherl_jax.sampling import kv_cache
 from cacherl_jax.sampling.kv_cache import KVCache
 
@@ -250,7 +251,7 @@ jax.tree_util.register_dataclass(
 
 
 def _prefill_and_decode(
-    weights: kv_cache.Weights,
+    params: Params,
     cache: KVCache,
     tokens_PxBxC: jax.Array,
     valid_PxBxC: jax.Array,
@@ -267,11 +268,15 @@ def _prefill_and_decode(
     `prefill_window`: the prefill's attention reads only the cache's first slots (see
     `kv_cache.extend`); the caller knows that no later slot holds a token."""
     B = tokens_PxBxC.shape[1]
+    if config.unroll_layers:
+        # Each layer's weights and cache buffers sliced out once here, not on every step.
+        params = qwen3.unstack_layers(params)
+        cache = kv_cache.unstack_layers(cache)
 
     def prefill_piece(p, carry):
         cache, _ = carry
         return kv_cache.extend(
-            weights, config, cache, tokens_PxBxC[p], valid_PxBxC[p], window=prefill_window
+            params, config, cache, tokens_PxBxC[p], valid_PxBxC[p], window=prefill_window
         )
 
     V = config.vocab_size
@@ -317,7 +322,7 @@ def _prefill_and_decode(
             lax.dynamic_slice_in_dim(sin_BxNxD, step, 1, axis=1),
         )
         cache, logits_BxV = kv_cache.extend(
-            weights, config, cache, token_B[:, None], live_B[:, None], rope
+            params, config, cache, token_B[:, None], live_B[:, None], rope
         )
         return step + 1, cache, logits_BxV, tokens_BxN, logp_BxN, raw_BxN, count_B, reason_B
 
@@ -336,6 +341,8 @@ def _prefill_and_decode(
         cond, body, state
     )
     reason_B = jnp.where(reason_B == _RUNNING, _CACHE_FULL, reason_B)
+    if config.unroll_layers:
+        cache = kv_cache.stack_layers(cache)
     return cache, tokens_BxN, logp_BxN, raw_BxN, count_B, reason_B
 
 
@@ -348,20 +355,21 @@ _run = jax.jit(
 
 
 @functools.cache
-def _layout_fn(config: Qwen3Config, sharding: NamedSharding | None, packed: bool):
-    return jax.jit(
-        functools.partial(kv_cache.sampling_weights, config=config, packed=packed),
-        out_shardings=sharding,
-    )
+def _prepare_fn(config: Qwen3Config, sharding: NamedSharding | None):
+    """The parameters in the compute dtype (once, not per step), replicated over the mesh."""
+    dtype = qwen3.compute_dtype(config)
+
+    def prepare(params: Params) -> Params:
+        return jax.tree.map(lambda w: w.astype(dtype), params)
+
+    return jax.jit(prepare, out_shardings=sharding)
 
 
 class Sampler:
     """Generates from a Qwen3 with a KV cache; see the module docstring.
 
-    `params`/`config`: the model (training layout; any sharding). `mesh`: split the batch over its
-    devices. `min_prompt_bucket`: smallest prompt-chunk length compiled for. `cpu_kernels`: run the
-    step's matmuls and decode attention in `cpu_kernels.py`'s custom calls (None: wherever they
-    can run, i.e. one CPU device, float32, the extension built).
+    `params`/`config`: the model (any sharding). `mesh`: split the batch over its devices.
+    `min_prompt_bucket`: smallest prompt-chunk length compiled for.
     """
 
     def __init__(
@@ -371,19 +379,13 @@ class Sampler:
         *,
         mesh: Mesh | None = None,
         min_prompt_bucket: int = 16,
-        cpu_kernels: bool | None = None,
     ):
         self.config = config
         self.mesh = mesh
         self.min_prompt_bucket = min_prompt_bucket
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-        usable = _cpu_kernels.usable(devices, qwen3.compute_dtype(config))
-        if cpu_kernels and not usable:
-            raise ValueError(f"the CPU kernels cannot run here: {_cpu_kernels.info()}")
-        self.cpu_kernels = usable if cpu_kernels is None else cpu_kernels
-        self._layout = _layout_fn(config, replicated, self.cpu_kernels)
-        self.weights = self._layout(params)
+        self._prepare = _prepare_fn(config, replicated)
+        self.params = self._prepare(params)
         self._init_cache = jax.jit(
             kv_cache.init_cache, static_argnums=(0, 1, 2), out_shardings=self._cache_sharding()
         )
@@ -391,9 +393,9 @@ class Sampler:
     # --- public API ---------------------------------------------------------------------------
 
     def set_params(self, params: Params) -> None:
-        """Samples from new weights (training layout) from now on, e.g. after a policy update;
-        compiled programs are reused."""
-        self.weights = self._layout(params)
+        """Samples from new weights from now on, e.g. after a policy update; compiled programs
+        are reused."""
+        self.params = self._prepare(params)
 
     def generate(
         self,
@@ -482,7 +484,7 @@ class Sampler:
         state.cache = None  # donated below
         sharded = self._batch_sharding(leading=1)
         cache, tokens_BxN, logp_BxN, raw_BxN, count_B, reason_B = _run(
-            self.weights,
+            self.params,
             cache,
             self._put(tokens_PxBxC, sharded),
             self._put(valid_PxBxC, sharded),
@@ -542,10 +544,11 @@ class Sampler:
     def _cache_sharding(self) -> KVCache | None:
         if self.mesh is None:
             return None
-        rows, L = self._batch_sharding(), self.config.num_layers
+        rows = self._batch_sharding()
+        layers_rows = self._batch_sharding(leading=1)  # [L, B, K, S, D]
         return KVCache(
-            k=(rows,) * L,
-            v=(rows,) * L,
+            k=layers_rows,
+            v=layers_rows,
             valid_BxS=rows,
             length=NamedSharding(self.mesh, PartitionSpec()),
             next_position_B=rows,

@@ -169,7 +169,7 @@ def fingerprint(config: ml_collections.ConfigDict, model: Qwen3Config) -> dict[s
     architecture = {
         k: v for k, v in dataclasses.asdict(model).items() if k in Qwen3Config.__dataclass_fields__
     }
-    for runtime in ("compute_dtype", "remat", "unroll_layers", "attention_block"):
+    for runtime in ("compute_dtype", "remat", "unroll_layers", "attention_block", "attention_impl"):
         architecture.pop(runtime, None)
     return {
         "model": architecture,
