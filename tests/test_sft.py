@@ -15,8 +15,8 @@ import pytest
 from sft_data import addition_trajectories
 
 from cacherl_jax import cli, parallel
-from cacherl_jax.data import pipeline as data_pipeline
 from cacherl_jax.chat.trajectory import write_jsonl
+from cacherl_jax.data import pipeline as data_pipeline
 from cacherl_jax.model import init_params, load_hf_checkpoint, presets
 from cacherl_jax.train import sft
 from cacherl_jax.train.errors import CheckpointMismatchError, TrainingError
