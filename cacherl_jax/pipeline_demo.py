@@ -13,10 +13,10 @@ tier, tier hit rates, KL, response length). Sized for ~15 minutes on 2 CPU cores
 a flag.
 
 `run()` reads as its steps: `prepare_data` (or `reuse_sft`), `train_sft`, `configure_grpo`,
-`evaluate_base_and_sft`, `train_grpo`, `write_report`. Its keyword options also run the CPU smoke
-ablation of `experiments/reproduce_paper.py`: without the teacher's reasoning, without thinking,
-with GRPO config overrides (exact-only cache, fixed-weight reward, no KL), SFT only, and an SFT
-stage reused from another run.
+`evaluate_base_and_sft`, `train_grpo`, `write_report` (the report side: `cacherl_jax.demo_report`).
+Its keyword options also run the CPU smoke ablation of `experiments/reproduce_paper.py`: without
+the teacher's reasoning, without thinking, with GRPO config overrides (exact-only cache,
+fixed-weight reward, no KL), SFT only, and an SFT stage reused from another run.
 """
 
 from __future__ import annotations
@@ -37,20 +37,13 @@ from cacherl_jax.agent.loop import LoopConfig
 from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
 from cacherl_jax.chat import load_tokenizer
 from cacherl_jax.data.thinking import augment
+from cacherl_jax.demo_report import DemoData, log, plot_grpo, write_report
 from cacherl_jax.eval.suite import evaluate_checkpoint
 from cacherl_jax.model import Qwen3Config, init_params, presets, save_hf_checkpoint
 from cacherl_jax.train import grpo, sft
 from cacherl_jax.train.metrics import read_metrics
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-STAGE_COLUMNS = (
-    ("eval/reward/total", "val. reward"),
-    ("eval/process_accuracy", "process acc."),
-    ("eval/success_rate", "success"),
-    ("eval/reward/format", "format"),
-    ("eval/calls_per_task", "calls/task"),
-)
 
 
 def load_config(name: str, arg: str):
@@ -60,77 +53,11 @@ def load_config(name: str, arg: str):
     return config_flags.load_config(f"{CONFIG_DIR / name}.py:{arg}")
 
 
-def _log(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def _eval_stage(
     checkpoint: Path, tasks, seed: int, loop_config: LoopConfig | None = None
 ) -> dict[str, float]:
     metrics, _ = evaluate_checkpoint(str(checkpoint), tasks, seed=seed, loop_config=loop_config)
     return {f"eval/{k}": v for k, v in metrics.items()}
-
-
-def stage_table(stages: dict[str, dict[str, float]]) -> str:
-    header = "| stage | " + " | ".join(title for _, title in STAGE_COLUMNS) + " |"
-    rule = "|---" * (len(STAGE_COLUMNS) + 1) + "|"
-    rows = [
-        f"| {name} | "
-        + " | ".join(f"{metrics.get(key, float('nan')):.3f}" for key, _ in STAGE_COLUMNS)
-        + " |"
-        for name, metrics in stages.items()
-    ]
-    return "\n".join([header, rule, *rows])
-
-
-def plot_grpo(run_dir: Path, out_dir: Path) -> list[Path]:
-    """PNG plots of a GRPO run's metrics.jsonl; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in read_metrics(run_dir) if "reward/total" in r]
-    if not records:
-        return []
-    steps = [r["step"] for r in records]
-
-    def series(key):
-        return [r.get(key, float("nan")) for r in records]
-
-    panels = {
-        "reward_by_tier.png": (
-            "reward by worst cache tier",
-            [
-                "reward/total",
-                "reward/total_exact",
-                "reward/total_fuzzy",
-                "reward/total_best_effort",
-            ],
-        ),
-        "tier_hit_rates.png": (
-            "rollouts by worst tier (fraction)",
-            ["tier/exact_fraction", "tier/fuzzy_fraction", "tier/best_effort_fraction"],
-        ),
-        "kl_and_clipping.png": (
-            "KL to the old policy and clip fraction",
-            ["kl_old", "clip_fraction"],
-        ),
-        "response_length.png": ("generated tokens per rollout", ["response_tokens"]),
-    }
-    written = []
-    for name, (title, keys) in panels.items():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key in keys:
-            ax.plot(steps, series(key), label=key)
-        ax.set_title(title)
-        ax.set_xlabel("GRPO step")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(out_dir / name)
-    return written
 
 
 def apply_overrides(
@@ -192,7 +119,7 @@ def evaluate_stage(
     memo_path = checkpoint.parent / "stage_eval.json"
     memos = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     if key in memos:
-        _log(f"{checkpoint}: evaluated before with the same settings ({memo_path})")
+        log(f"{checkpoint}: evaluated before with the same settings ({memo_path})")
         return memos[key]
     metrics = _eval_stage(checkpoint, tasks, seed, loop_config)
     memos[key] = metrics
@@ -223,15 +150,6 @@ def _final_grpo_eval(run_dir: Path, summary: dict[str, Any]) -> dict[str, float]
 
 
 EVAL_LOOPS = ("default", "grpo")
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoData:
-    """What the stages train and are evaluated on."""
-
-    train_path: Path  # trajectories: the SFT data, the GRPO task set and the cache's source
-    validation: list  # the validation tasks every stage is evaluated on
-    augment_summary: dict[str, Any] | None = None  # the teacher's run, when it added reasoning
 
 
 class _Stopwatch:
@@ -405,10 +323,10 @@ def prepare_data(
     tasks = generate_tasks("train", train_tasks, seed)
     write_trajectories(raw_path, tasks, reasoning=False)
     validation = generate_tasks("validation", val_tasks, seed)
-    _log(f"{len(tasks)} reference trajectories -> {raw_path}; {len(validation)} validation tasks")
+    log(f"{len(tasks)} reference trajectories -> {raw_path}; {len(validation)} validation tasks")
     clock.lap("data_s")
     if not reasoning:
-        _log(f"no teacher reasoning: SFT on the reference trajectories as generated ({raw_path})")
+        log(f"no teacher reasoning: SFT on the reference trajectories as generated ({raw_path})")
         return DemoData(raw_path, validation)
 
     # Knowledge transfer: reasoning for every step (the offline template teacher by default).
@@ -418,7 +336,7 @@ def prepare_data(
     if not thinking:
         augment_config.rules.no_thinking_share = 1.0
     augment_summary = augment(augment_config, progress=False)
-    _log(f"reasoning added ({teacher} teacher) -> {train_path}")
+    log(f"reasoning added ({teacher} teacher) -> {train_path}")
     clock.lap("augment_s")
     return DemoData(train_path, validation, augment_summary)
 
@@ -443,7 +361,7 @@ def train_sft(
         config.data.enable_thinking = False
     apply_overrides(config, overrides, name="SFT config")
     steps, batch_size, seq_len = config.train.steps, config.data.batch_size, config.data.seq_len
-    _log(f"SFT: {steps} steps of {batch_size} x {seq_len} tokens")
+    log(f"SFT: {steps} steps of {batch_size} x {seq_len} tokens")
     return _with_last_logged(sft_dir, sft.train(config, sft_dir, progress=True), "loss")
 
 
@@ -467,7 +385,7 @@ def reuse_sft(
     train_path = Path(reused["data"]["train"])
     summary = _with_last_logged(sft_dir, {"reused": str(sft_dir)}, "loss")
     validation = generate_tasks("validation", val_tasks, seed)
-    _log(f"SFT stage reused from {sft_dir} (data {train_path}); {len(validation)} validation tasks")
+    log(f"SFT stage reused from {sft_dir} (data {train_path}); {len(validation)} validation tasks")
     return DemoData(train_path, validation), summary
 
 
@@ -532,10 +450,10 @@ def evaluate_base_and_sft(
         if not (base_hf / "config.json").exists():
             save_hf_checkpoint(model, init_params(model, jax.random.key(seed)), base_hf)
             (base_hf / "tokenizer.json").write_bytes((sft_hf / "tokenizer.json").read_bytes())
-        _log("evaluating the base and SFT models (greedy, live tools)")
+        log("evaluating the base and SFT models (greedy, live tools)")
         stages["base"] = evaluate_stage(base_hf, validation, seed, stage_loop, memo=memo)
     else:
-        _log("evaluating the SFT model (greedy, live tools)")
+        log("evaluating the SFT model (greedy, live tools)")
     stages["sft"] = evaluate_stage(sft_hf, validation, seed, stage_loop, memo=memo)
     return stages
 
@@ -554,7 +472,7 @@ def train_grpo(
     """GRPO from the SFT checkpoint, every tool call answered by the cache `grpo.train` builds from
     the trajectories; returns its summary and the GRPO stage: evaluated like the others (eval_loop
     "grpo", laps `grpo_s` and `grpo_eval_s`) or the run's own last validation (laps `grpo_s`)."""
-    _log(
+    log(
         f"GRPO: {config.train.steps} steps x {config.grpo.tasks_per_step} tasks "
         f"x G={config.loop.group_size}"
     )
@@ -569,63 +487,3 @@ def train_grpo(
     stage = evaluate_stage(grpo_dir / "hf", validation, seed, stage_loop, memo=memo)
     clock.lap("grpo_eval_s")
     return summary, stage
-
-
-def _summary_line(sft_summary: dict[str, Any], grpo_summary: dict[str, Any], ran_grpo: bool) -> str:
-    line = f"SFT final loss {sft_summary.get('loss', float('nan')):.4f}"
-    if ran_grpo:
-        line += (
-            f"; GRPO final reward {grpo_summary.get('reward/total', float('nan')):.3f} (training "
-            f"rollouts, cache tiers: exact {grpo_summary.get('tier/exact_fraction', 0):.2f}, fuzzy "
-            f"{grpo_summary.get('tier/fuzzy_fraction', 0):.2f}, best-effort "
-            f"{grpo_summary.get('tier/best_effort_fraction', 0):.2f})"
-        )
-    return line
-
-
-def write_report(
-    workdir: Path,
-    model: Qwen3Config,
-    data: DemoData,
-    stages: dict[str, dict[str, float]],
-    timings: dict[str, float],
-    sft_summary: dict[str, Any],
-    grpo_summary: dict[str, Any],
-    plots: list[Path],
-    options: dict[str, Any],
-) -> Path:
-    """`report.md` (the stage table, seconds per phase, the training summary, the plots) and
-    `stages.json` in `workdir`; prints the table. Returns the report's path."""
-    table = stage_table(stages)
-    report = [
-        "# CacheRL in miniature",
-        "",
-        f"Procedural suite, tiny Qwen3 ({model.num_layers} layers, hidden {model.hidden_size}), "
-        f"{len(data.validation)} validation tasks evaluated greedily with live tools.",
-        "",
-        table,
-        "",
-        "Seconds per phase: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
-        "",
-        _summary_line(sft_summary, grpo_summary, options["run_grpo"]) + ".",
-        "",
-        *[f"![{p.stem}]({p.name})" for p in plots],
-        "",
-    ]
-    report_path = workdir / "report.md"
-    report_path.write_text("\n".join(report))
-    (workdir / "stages.json").write_text(
-        json.dumps(
-            {
-                "stages": stages,
-                "timings": timings,
-                "augment": data.augment_summary,
-                "options": options,
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    print("\n" + table + "\n")
-    _log(f"report: {report_path} ({timings['total_s'] / 60:.1f} min)")
-    return report_path

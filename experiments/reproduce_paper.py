@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python experiments/reproduce_paper.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from cacherl_jax import pipeline_demo  # noqa: E402
+from cacherl_jax import demo_report, pipeline_demo  # noqa: E402
 from cacherl_jax.model import count_params, init_params, read_config  # noqa: E402
 from cacherl_jax.train.metrics import read_metrics  # noqa: E402
 
@@ -117,7 +117,7 @@ EXACT_ONLY_NOTE = (
 )
 
 # (eval metric key, column title) of the tables.
-STAGE_COLUMNS = pipeline_demo.STAGE_COLUMNS
+STAGE_COLUMNS = demo_report.STAGE_COLUMNS
 ABLATION_COLUMNS = STAGE_COLUMNS[:3]
 TRAIN_KEYS = (
     "reward/total",

@@ -22,7 +22,7 @@ from cacherl_jax.chat.tokenizer import train_tokenizer
 from cacherl_jax.chat.trajectory import load_jsonl
 from cacherl_jax.rl.rewards import Reward
 from cacherl_jax.rl.scoring import TaskResult
-from cacherl_jax.train import rft, sft
+from cacherl_jax.train import rft, rft_data, sft
 from cacherl_jax.train.errors import TrainingError
 from cacherl_jax.train.metrics import read_metrics
 from configs import rft as rft_configs
@@ -119,7 +119,7 @@ def test_accepted_records_are_rewarded_distinct_and_render_to_the_sampled_tokens
         # The chat template renders the record back to exactly the tokens that were sampled.
         rendered = render(record.messages, record.tools, tokenizer)
         assert rendered.token_ids[-len(newline) :].tolist() == newline
-        assert rft.token_key(rendered.token_ids[: -len(newline)]) == meta["tokens_sha1"]
+        assert rft_data.token_key(rendered.token_ids[: -len(newline)]) == meta["tokens_sha1"]
         per_task.setdefault(meta["task_id"], []).append(meta["tokens_sha1"])
     for keys in per_task.values():
         assert len(keys) <= 2 and len(set(keys)) == len(keys)
@@ -275,7 +275,7 @@ def _select(specs, config, not_roundtrip=(), seen=None):
         asked.append(i)
         return i not in not_roundtrip
 
-    kept, counts = rft.select(rollouts, results, config, roundtrips, seen)
+    kept, counts = rft_data.select(rollouts, results, config, roundtrips, seen)
     return kept, counts, asked
 
 
@@ -289,7 +289,7 @@ def test_select_thresholds_dedups_caps_and_prefers_higher_rewards():
         ("b", 0, [7, 8], 1.0, {"stop": "max_turns"}),  # no final answer
         ("b", 1, [7, 9], 0.5),  # exactly the threshold
     ]
-    config = rft.FilterConfig(reward_threshold=0.5, max_per_task=2)
+    config = rft_data.FilterConfig(reward_threshold=0.5, max_per_task=2)
     kept, counts, asked = _select(specs, config)
     assert kept == [1, 4, 6]
     assert counts["sampled"] == 7 and counts["finished"] == 6
@@ -298,27 +298,27 @@ def test_select_thresholds_dedups_caps_and_prefers_higher_rewards():
     assert counts["roundtrip"] == 3 and counts["accepted"] == 3
     assert sorted(asked) == [1, 4, 6]  # the check runs only on what could be kept
 
-    uncapped = rft.FilterConfig(reward_threshold=0.5)
+    uncapped = rft_data.FilterConfig(reward_threshold=0.5)
     assert _select(specs, uncapped)[0] == [1, 3, 4, 6]
 
 
 def test_select_round_trip_rule_success_filter_and_shared_seen():
     specs = [("a", 0, [1], 0.9), ("a", 1, [2], 0.8), ("b", 0, [3], 0.7)]
-    strict = rft.FilterConfig(reward_threshold=0.5, max_per_task=1)
+    strict = rft_data.FilterConfig(reward_threshold=0.5, max_per_task=1)
     kept, counts, _ = _select(specs, strict, not_roundtrip={0})
     # a/0 does not re-render to its tokens: the next-best a/1 takes its place.
     assert kept == [1, 2]
     assert counts["not_roundtrip"] == 1 and counts["roundtrip"] == 2
     assert counts["accepted_not_roundtrip"] == 0
 
-    lenient = rft.FilterConfig(reward_threshold=0.5, max_per_task=1, keep_nonroundtrip=True)
+    lenient = rft_data.FilterConfig(reward_threshold=0.5, max_per_task=1, keep_nonroundtrip=True)
     kept, counts, _ = _select(specs, lenient, not_roundtrip={0})
     assert kept == [0, 2] and counts["accepted_not_roundtrip"] == 1
 
     rollouts = [_rollout("a", 0, [1]), _rollout("a", 1, [2])]
     results = [_result(rollouts[0], 0.9, success=False), _result(rollouts[1], 0.6)]
-    needs_success = rft.FilterConfig(reward_threshold=0.5, require_success=True)
-    kept, counts = rft.select(rollouts, results, needs_success, lambda i: True)
+    needs_success = rft_data.FilterConfig(reward_threshold=0.5, require_success=True)
+    kept, counts = rft_data.select(rollouts, results, needs_success, lambda i: True)
     assert kept == [1] and counts["above_threshold"] == 2 and counts["candidates"] == 1
 
     # A later batch of the same round does not accept a token sequence seen before.
@@ -367,10 +367,12 @@ def test_roundtrip_check_accepts_the_template_s_own_tokens_only(scripted):
     def check(turns_ids):
         rollout = _rollout_of(task, tokenizer, cache, turns_ids)
         assert rollout.stop_reason == "answer" and len(rollout.calls) == 2
-        messages = rft.rollout_messages(task, rollout)
+        messages = rft_data.rollout_messages(task, rollout)
         assert [m["role"] for m in messages[-5:]] == ["assistant", "tool"] * 2 + ["assistant"]
         assert messages[-1]["content"] == rollout.final_answer
-        return rft.roundtrip_mismatch(rollout, messages, rft.rollout_tools(task), tokenizer)
+        return rft_data.roundtrip_mismatch(
+            rollout, messages, rft_data.rollout_tools(task), tokenizer
+        )
 
     # The template's own tokenisation of its own text: re-rendering gives the same ids.
     assert check([tokenizer.encode(t) for t in texts]) is None
@@ -400,10 +402,12 @@ def test_multi_turn_rollouts_rebuild_every_user_turn_but_do_not_round_trip(scrip
     ids = [tokenizer.encode(t) for t in _assistant_texts(task, tokenizer)]
     rollout = _rollout_of(two_turns, tokenizer, cache, ids + ids)
     assert rollout.stop_reason == "answer" and len(rollout.turns) == 6
-    messages = rft.rollout_messages(two_turns, rollout)
+    messages = rft_data.rollout_messages(two_turns, rollout)
     roles = [m["role"] for m in messages[len(task.messages) :]]
     one_turn = ["assistant", "tool", "assistant", "tool", "assistant"]
     assert roles == [*one_turn, "user", *one_turn]
     assert messages[len(task.messages) + 5]["content"] == "And once more?"
-    why = rft.roundtrip_mismatch(rollout, messages, rft.rollout_tools(two_turns), tokenizer)
+    why = rft_data.roundtrip_mismatch(
+        rollout, messages, rft_data.rollout_tools(two_turns), tokenizer
+    )
     assert why is not None and why.startswith("token ")
