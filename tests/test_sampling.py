@@ -13,7 +13,7 @@ from scipy import stats
 from cacherl_jax import parallel, reference
 from cacherl_jax.chat import append_generated, append_tool_results, render_prompt, render_text
 from cacherl_jax.chat.tokenizer import train_tokenizer
-from cacherl_jax.model import Qwen3Config, forward, load_hf_checkpoint, param_shardings
+from cacherl_jax.model import Qwen3Config, attention, forward, load_hf_checkpoint, param_shardings
 from cacherl_jax.sampling import Sampler, SamplingParams, bucket, kv_cache
 from cacherl_jax.sampling.sampler import _sample, uniforms
 
@@ -148,9 +148,11 @@ def test_prefill_window_reads_only_the_first_slots(tiny, rng):
     np.testing.assert_allclose(logits, logits_full, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(windowed), jax.tree.leaves(full), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Keys [L, B, K, D, S] where the attention keeps them transposed, else [L, B, K, S, D].
+    k_slots = np.s_[..., T:] if attention.keys_transposed(TINY) else np.s_[:, :, :, T:]
     garbage = dataclasses.replace(
         clean,
-        k=clean.k.at[:, :, :, T:].set(jnp.nan),
+        k=clean.k.at[k_slots].set(jnp.nan),
         v=clean.v.at[:, :, :, T:].set(jnp.nan),
     )
     _, poisoned = extend(params, cache=garbage, tokens_BxT=tokens_BxT, valid_BxT=valid_BxT)
@@ -452,7 +454,7 @@ def test_sharded_over_a_mesh_matches_one_device(samplers, rng):
     prompts = _prompts(rng, [5, 12, 3])
     sampling = SamplingParams(temperature=1.0, max_new_tokens=16, seed=5)
     state, on_mesh = Sampler(sharded_params, TINY, mesh=mesh).start(prompts, sampling)
-    assert state.cache.k.sharding.spec[1] == ("data", "fsdp", "tensor")  # [L, B, K, S, D]
+    assert state.cache.k.sharding.spec[1] == ("data", "fsdp", "tensor")  # [L, B, ...]
     for a, b in zip(on_mesh, single.generate(prompts, sampling), strict=True):
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LOGPROB_TOLERANCE)

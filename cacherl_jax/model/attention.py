@@ -7,8 +7,9 @@ which every query row keeps at least one key:
 - `self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)`: the training forward.
   Keys are the queries' own sequence and the mask is causal by index (segments may cut it
   further), so query blocks may skip the keys after their end.
-- `cached_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, config)`: T new queries against
-  the S slots of a KV cache, stored [batch, kv heads, slots, head dim].
+- `cached_attention(q_BxTxHxD, k_cache, v_BxKxSxD, mask_BxTxS, config)`: T new queries against
+  the S slots of a KV cache: values stored [batch, kv heads, slots, head dim], keys the same or,
+  where `keys_transposed(config)`, [batch, kv heads, head dim, slots].
 
 Both return [B, T, H, D] in the queries' dtype; softmax runs in float32.
 
@@ -19,7 +20,9 @@ one, else by the platform of the default backend:
   where the mask form allows it), with queries in blocks of `config.attention_block`.
 - "cpu_blocked": the same mathematics written for XLA's CPU backend: the G query heads of a kv
   head stacked as the rows of one matmul per (batch, kv head), query blocks that skip the keys
-  after their end, and (on one device) a hand-written backward pass that goes pair by pair.
+  after their end, and (on one device) a hand-written backward pass that goes pair by pair. Its
+  cache keeps keys transposed, [D, S] per (batch, kv head), so that a decode step's scores are
+  [G*T, D] x [D, S] and its output [G*T, S] x [S, D], both on contiguous row-major operands.
 
 On TPU a splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) plugs in
 as one more name in `_IMPLEMENTATIONS`, chosen for "tpu" in `implementation`; the model code does
@@ -60,16 +63,22 @@ def self_attention(
     return impl.self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)
 
 
+def keys_transposed(config: Qwen3Config) -> bool:
+    """Whether the implementation's KV cache stores keys [B, K, D, S] rather than [B, K, S, D]."""
+    return _IMPLEMENTATIONS[implementation(config)].keys_transposed
+
+
 def cached_attention(
     q_BxTxHxD: jax.Array,
-    k_BxKxSxD: jax.Array,
+    k_cache: jax.Array,
     v_BxKxSxD: jax.Array,
     mask_BxTxS: jax.Array,
     config: Qwen3Config,
 ) -> jax.Array:
-    """Attention of T queries over the S slots of a cache (module docstring)."""
+    """Attention of T queries over the S slots of a cache, keys laid out as `keys_transposed`
+    says (module docstring)."""
     impl = _IMPLEMENTATIONS[implementation(config)]
-    return impl.cached_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, config)
+    return impl.cached_attention(q_BxTxHxD, k_cache, v_BxKxSxD, mask_BxTxS, config)
 
 
 # --- "xla": jax.nn.dot_product_attention ---------------------------------------------------------
@@ -158,26 +167,30 @@ def _cpu_self_attention(
     return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
-def _cpu_cached_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, config):
-    """T queries over every cache slot, the group's heads stacked as rows of one matmul per
-    (batch, kv head); no query blocks, since the cache's slots are not the queries' sequence."""
+def _cpu_cached_attention(q_BxTxHxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, config):
+    """T queries over every cache slot (keys transposed), the group's heads stacked as rows of
+    one matmul per (batch, kv head); no query blocks, since the cache's slots are not the
+    queries' sequence."""
     B, T, H, D = q_BxTxHxD.shape
-    K = k_BxKxSxD.shape[1]
+    K = k_BxKxDxS.shape[1]
     scale = jnp.asarray(config.head_dim**-0.5, q_BxTxHxD.dtype)
     q_BxKxGxTxD = (q_BxTxHxD * scale).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
-    out_BxKxGxTxD = _grouped_softmax_attention(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
+    out_BxKxGxTxD = _grouped_softmax_attention(
+        q_BxKxGxTxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, keys_transposed=True
+    )
     return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
-def _grouped_softmax_attention(q_BxKxGxQxD, k_BxKxSxD, v_BxKxSxD, mask_BxQxS):
-    """Scaled queries of every (batch, kv head) pair over its keys, the G heads stacked as rows
-    (R = G * Q); normalised after the value matmul (a [Q, D] divide, not [Q, S])."""
+def _grouped_softmax_attention(q_BxKxGxQxD, k, v_BxKxSxD, mask_BxQxS, keys_transposed=False):
+    """Scaled queries of every (batch, kv head) pair over its keys (`k` [B, K, S, D], or
+    [B, K, D, S] if `keys_transposed`), the G heads stacked as rows (R = G * Q); normalised after
+    the value matmul (a [Q, D] divide, not [Q, S])."""
     B, K, G, Q, D = q_BxKxGxQxD.shape
-    S = k_BxKxSxD.shape[2]
+    S = v_BxKxSxD.shape[2]
     logits_BxKxRxS = jnp.einsum(
-        "bkrd,bksd->bkrs",
+        "bkrd,bkds->bkrs" if keys_transposed else "bkrd,bksd->bkrs",
         q_BxKxGxQxD.reshape(B, K, G * Q, D),
-        k_BxKxSxD,
+        k,
         preferred_element_type=jnp.float32,
     )
     logits_BxKxGxQxS = jnp.where(
@@ -349,10 +362,13 @@ _pair_attention.defvjp(_pair_attention_fwd, _pair_attention_bwd)
 class _Implementation(NamedTuple):
     self_attention: Callable[..., jax.Array]
     cached_attention: Callable[..., jax.Array]
+    keys_transposed: bool  # the cache's keys [B, K, D, S] (else [B, K, S, D])
 
 
 # Every name of config.ATTENTION_IMPLS but "auto".
 _IMPLEMENTATIONS = {
-    "xla": _Implementation(_xla_self_attention, _xla_cached_attention),
-    "cpu_blocked": _Implementation(_cpu_self_attention, _cpu_cached_attention),
+    "xla": _Implementation(_xla_self_attention, _xla_cached_attention, keys_transposed=False),
+    "cpu_blocked": _Implementation(
+        _cpu_self_attention, _cpu_cached_attention, keys_transposed=True
+    ),
 }

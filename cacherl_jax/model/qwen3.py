@@ -111,43 +111,56 @@ class KVSlots:
 
     `k_LxBxKxSxD`, `v_LxBxKxSxD`: every layer's keys (normed, rotated) and values, by row, kv
     head and slot; a kv-head axis of its own, so the cache shards over heads as `wk`/`wv` do.
-    Either stacked arrays, or tuples of per-layer [B, K, S, D] arrays for `layers`' Python loop
-    (so that a loop around it reads each layer's buffer in place rather than a copy sliced out
-    of the stack). `start`: the first of the T slots the chunk writes (the same for every row;
-    the caller keeps `start + T` within S, since a write past the end is clamped onto earlier
-    slots). `window` (static): attention reads slots [0, window) only (None: all S), for a
-    caller that knows no later slot holds a token.
+    With `keys_transposed` (static; the attention implementation's choice,
+    `attention.keys_transposed`) the keys are stored [L, B, K, D, S] instead. Either stacked
+    arrays, or tuples of per-layer [B, K, S, D] arrays for `layers`' Python loop (so that a loop
+    around it reads each layer's buffer in place rather than a copy sliced out of the stack).
+    `start`: the first of the T slots the chunk writes (the same for every row; the caller keeps
+    `start + T` within S, since a write past the end is clamped onto earlier slots). `window`
+    (static): attention reads slots [0, window) only (None: all S), for a caller that knows no
+    later slot holds a token.
     """
 
     k_LxBxKxSxD: jax.Array | tuple[jax.Array, ...]
     v_LxBxKxSxD: jax.Array | tuple[jax.Array, ...]
     start: jax.Array
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    keys_transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def write_and_read(
         self, layer_index: jax.Array | int, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array
     ) -> tuple[KVSlots, jax.Array, jax.Array]:
         """Writes one layer's new keys and values at slots `start`..; returns the cache and that
-        layer's keys and values over the window, [B, K, W, D]."""
+        layer's keys ([B, K, W, D], or [B, K, D, W] transposed) and values [B, K, W, D] over the
+        window."""
         # Only the chunk's slots are written: in place when the cache is donated or carried by
         # a loop (a whole-layer write would copy the layer every step).
-        k_all, k_BxKxWxD = self._write_and_read(self.k_LxBxKxSxD, layer_index, k_BxTxKxD)
-        v_all, v_BxKxWxD = self._write_and_read(self.v_LxBxKxSxD, layer_index, v_BxTxKxD)
-        return dataclasses.replace(self, k_LxBxKxSxD=k_all, v_LxBxKxSxD=v_all), k_BxKxWxD, v_BxKxWxD
-
-    def _write_and_read(self, buffers, layer_index, x_BxTxKxD):
-        x_BxKxTxD = x_BxTxKxD.transpose(0, 2, 1, 3)
-        if isinstance(buffers, tuple):  # per layer, `layer_index` a Python int
-            buffer_BxKxSxD = lax.dynamic_update_slice(
-                buffers[layer_index], x_BxKxTxD, (0, 0, self.start, 0)
+        if self.keys_transposed:
+            k_all, k_read = self._write_and_read(
+                self.k_LxBxKxSxD, layer_index, k_BxTxKxD.transpose(0, 2, 3, 1), slot_axis=3
             )
-            buffers = (*buffers[:layer_index], buffer_BxKxSxD, *buffers[layer_index + 1 :])
-            return buffers, buffer_BxKxSxD[:, :, : self.window]
-        at = (layer_index, 0, 0, self.start, 0)
-        buffers = lax.dynamic_update_slice(buffers, x_BxKxTxD[None], at)
-        _, B, K, S, D = buffers.shape
-        size = (1, B, K, self.window or S, D)
-        return buffers, lax.dynamic_slice(buffers, (layer_index, 0, 0, 0, 0), size)[0]
+        else:
+            k_all, k_read = self._write_and_read(
+                self.k_LxBxKxSxD, layer_index, k_BxTxKxD.transpose(0, 2, 1, 3), slot_axis=2
+            )
+        v_all, v_BxKxWxD = self._write_and_read(
+            self.v_LxBxKxSxD, layer_index, v_BxTxKxD.transpose(0, 2, 1, 3), slot_axis=2
+        )
+        return dataclasses.replace(self, k_LxBxKxSxD=k_all, v_LxBxKxSxD=v_all), k_read, v_BxKxWxD
+
+    def _write_and_read(self, buffers, layer_index, chunk, slot_axis):
+        """`chunk` (one layer's, [B, K, ...]) written at `start` along `slot_axis` of a layer's
+        buffer; returns the buffers and the layer's buffer cut to the window."""
+        at = [0] * 4
+        at[slot_axis] = self.start
+        if isinstance(buffers, tuple):  # per layer, `layer_index` a Python int
+            buffer = lax.dynamic_update_slice(buffers[layer_index], chunk, at)
+            buffers = (*buffers[:layer_index], buffer, *buffers[layer_index + 1 :])
+            return buffers, lax.slice_in_dim(buffer, 0, self.window, axis=slot_axis)
+        buffers = lax.dynamic_update_slice(buffers, chunk[None], (layer_index, *at))
+        size = list(buffers.shape[1:])
+        size[slot_axis] = self.window or size[slot_axis]
+        return buffers, lax.dynamic_slice(buffers, (layer_index, 0, 0, 0, 0), (1, *size))[0]
 
 
 def attention(
@@ -173,10 +186,10 @@ def attention(
             q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxS, config
         )
     else:
-        cache, k_BxKxWxD, v_BxKxWxD = cache.write_and_read(layer_index, k_BxTxKxD, v_BxTxKxD)
-        W = k_BxKxWxD.shape[2]
+        cache, k_window, v_BxKxWxD = cache.write_and_read(layer_index, k_BxTxKxD, v_BxTxKxD)
+        W = v_BxKxWxD.shape[2]
         out_BxTxHxD = attention_impl.cached_attention(
-            q_BxTxHxD, k_BxKxWxD, v_BxKxWxD, mask_BxTxS[..., :W], config
+            q_BxTxHxD, k_window, v_BxKxWxD, mask_BxTxS[..., :W], config
         )
     return dense(out_BxTxHxD, layer["wo"], n_contract=2), cache
 

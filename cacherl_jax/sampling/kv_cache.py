@@ -5,7 +5,9 @@ The cached forward is the model's own layer code (`qwen3.layers` with a `qwen3.K
 same blocks, attention seam and parameter tree as training, so a model change is written once.
 
 Layout. Keys and values of every layer in one array each, [L, B, K, S, D] (layers, batch, kv
-heads, slots, head dim), in the config's compute dtype. The layer scan carries them and each
+heads, slots, head dim), in the config's compute dtype; keys [L, B, K, D, S] where the attention
+implementation wants them transposed (`attention.keys_transposed`: XLA's CPU backend, whose
+decode-step attention then multiplies contiguous row-major operands). The layer scan carries them and each
 block writes only its chunk's slots, so a decode loop updates the cache in place. The kv-head
 axis stays separate, so the cache can shard over heads like `wk` and `wv`.
 
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cacherl_jax.model import qwen3
+from cacherl_jax.model import attention, qwen3
 from cacherl_jax.model.config import Qwen3Config
 from cacherl_jax.model.params import Params
 
@@ -37,8 +39,9 @@ from cacherl_jax.model.params import Params
 class KVCache:
     """Keys and values of every layer plus which slots hold real tokens.
 
-    `k`, `v`: [L, B, K, S, D] (or per-layer tuples, `unstack_layers`); `valid_BxS`: slot holds a real token of the row; `length`: slots
-    written so far (shared by all rows); `next_position_B`: RoPE position of each row's next
+    `k`, `v`: [L, B, K, S, D] (keys [L, B, K, D, S] where `attention.keys_transposed`), or
+    per-layer tuples (`unstack_layers`); `valid_BxS`: slot holds a real token of the row;
+    `length`: slots written so far (shared by all rows); `next_position_B`: RoPE position of each row's next
     token (its count of real tokens).
     """
 
@@ -59,11 +62,12 @@ class KVCache:
 
 def init_cache(config: Qwen3Config, batch_size: int, max_len: int) -> KVCache:
     """An empty cache of `max_len` slots per row, in the config's compute dtype."""
-    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+    L, B, K, S, D = config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim
+    k_shape = (L, B, K, D, S) if attention.keys_transposed(config) else (L, B, K, S, D)
     dtype = qwen3.compute_dtype(config)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=jnp.zeros(k_shape, dtype),
+        v=jnp.zeros((L, B, K, S, D), dtype),
         valid_BxS=jnp.zeros((batch_size, max_len), bool),
         length=jnp.zeros((), jnp.int32),
         next_position_B=jnp.zeros((batch_size,), jnp.int32),
@@ -71,7 +75,7 @@ def init_cache(config: Qwen3Config, batch_size: int, max_len: int) -> KVCache:
 
 
 def unstack_layers(cache: KVCache) -> KVCache:
-    """The cache with `k` and `v` as tuples of per-layer [B, K, S, D] arrays, which `extend`
+    """The cache with `k` and `v` as tuples of per-layer arrays, which `extend`
     also takes (see `qwen3.KVSlots`); `stack_layers` undoes it."""
     return dataclasses.replace(cache, k=tuple(cache.k), v=tuple(cache.v))
 
@@ -128,7 +132,7 @@ def extend(
     mask_BxTxS = _cache_mask(valid_BxT, valid_BxS, start)
 
     x_BxTxE = qwen3.embed(params, config, tokens_BxT)
-    slots = qwen3.KVSlots(cache.k, cache.v, start, window)
+    slots = qwen3.KVSlots(cache.k, cache.v, start, window, attention.keys_transposed(config))
     x_BxTxE, slots = qwen3.layers(params, config, x_BxTxE, cos_BxTxD, sin_BxTxD, mask_BxTxS, slots)
     # Only the last slot's logits are needed: the output projection runs on B rows, not B * T.
     h_Bx1xE = qwen3.final_norm(params, config, x_BxTxE[:, -1:])

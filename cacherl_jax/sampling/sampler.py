@@ -545,7 +545,7 @@ class Sampler:
         if self.mesh is None:
             return None
         rows = self._batch_sharding()
-        layers_rows = self._batch_sharding(leading=1)  # [L, B, K, S, D]
+        layers_rows = self._batch_sharding(leading=1)  # [L, B, ...]
         return KVCache(
             k=layers_rows,
             v=layers_rows,
