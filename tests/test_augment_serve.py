@@ -34,6 +34,9 @@ from cacherl_jax.model import (
 from cacherl_jax.sampling import Sampler
 from cacherl_jax.serve import server as server_lib
 
+# Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny-teacher"
 NO_THINKING_SHARE = 0.5
 REPLIES = {

@@ -15,6 +15,9 @@ from cacherl_jax.train.metrics import read_metrics
 from configs import grpo as grpo_configs
 from configs import sft as sft_configs
 
+# Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
+pytestmark = pytest.mark.slow
+
 # Tasks whose first call takes no arguments (`get_special`): a briefly SFT'd model makes it right,
 # so its rollouts meet the cache's exact tier whatever else they get wrong. (Calls that copy a word
 # from the request are beyond such a model: see "What GRPO does at CPU scale" in the README.)

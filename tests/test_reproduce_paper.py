@@ -15,6 +15,9 @@ import pytest
 from cacherl_jax.model import count_params, load_hf_checkpoint
 from cacherl_jax.pipeline_demo import apply_overrides
 
+# Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "reproduce_paper.py"
 SEEDS = (0, 1)

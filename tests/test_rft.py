@@ -28,6 +28,9 @@ from cacherl_jax.train.metrics import read_metrics
 from configs import rft as rft_configs
 from configs import sft as sft_configs
 
+# Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
+pytestmark = pytest.mark.slow
+
 KINDS = ("currency.rate", "currency.convert")  # 1- and 2-call tasks: quick to sample
 THRESHOLD = 0.35  # the briefly trained model's rollouts score 0.3-0.4: some pass, some do not
 

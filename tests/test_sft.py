@@ -24,6 +24,9 @@ from cacherl_jax.train.metrics import read_metrics
 from cacherl_jax.train.optimizer import init_optimizer_state, make_optimizer
 from configs import sft as sft_configs
 
+# Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 
