@@ -78,13 +78,7 @@ def plan(config: ml_collections.ConfigDict, devices: Any = None) -> dict[str, An
     batch = {
         key: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding) for key in BATCH_KEYS
     }
-    step_config = StepConfig(
-        model=model,
-        lora=lora,
-        grad_accum=config.train.grad_accum,
-        thinking_weight=config.train.thinking_weight,
-        loss_chunk_size=config.train.loss_chunk_size,
-    )
+    step_config = StepConfig.from_config(config, model, lora)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
         make_train_step(step_config, tx, schedule),

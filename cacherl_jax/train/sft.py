@@ -64,6 +64,22 @@ class StepConfig:
     thinking_weight: float
     loss_chunk_size: int
 
+    @classmethod
+    def from_config(
+        cls,
+        config: ml_collections.ConfigDict,
+        model: Qwen3Config,
+        lora: lora_lib.LoraConfig | None,
+    ) -> StepConfig:
+        """The step's settings from an SFT config (`train.*`) and the resolved model."""
+        return cls(
+            model=model,
+            lora=lora,
+            grad_accum=config.train.grad_accum,
+            thinking_weight=config.train.thinking_weight,
+            loss_chunk_size=config.train.loss_chunk_size,
+        )
+
 
 def model_params(trainable: Any, base: Any, step_config: StepConfig) -> Any:
     """The parameters the forward pass sees: the trainable ones, or the frozen base plus LoRA."""
@@ -238,13 +254,7 @@ def train(
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-    step_config = StepConfig(
-        model=model,
-        lora=lora,
-        grad_accum=config.train.grad_accum,
-        thinking_weight=config.train.thinking_weight,
-        loss_chunk_size=config.train.loss_chunk_size,
-    )
+    step_config = StepConfig.from_config(config, model, lora)
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jit_train_step(step_config, tx, schedule, state_shardings, base, batch_sharding)
     state, last = run_steps(
