@@ -10,7 +10,7 @@
 #     experiments/gpu_check.sh [OUT_DIR [PART...]]     # all parts: about 15 minutes on an H200
 #
 # JAX multiplies float32 matrices in TF32 on NVIDIA GPUs unless told otherwise; the test suite and
-# the `cacherl` commands ask for full float32 (see "On a GPU" in the README).
+# the `cacherl` commands ask for full float32 (docs/gpu.md, "float32 means float32").
 set -u
 out=${1:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"

@@ -74,7 +74,7 @@ PRESETS: dict[str, dict[str, int]] = {
         group_size=4,
     ),
     # Long enough for the SFT model to learn to copy values from the request into its calls (the
-    # SFT loss drops between ~800 and ~1,300 steps; README "What GRPO does at CPU scale"), which
+    # SFT loss drops between ~800 and ~1,300 steps; docs/demo.md "What GRPO does at CPU scale"), which
     # the default's 200 steps are not: ~4 hours.
     "long": dict(
         train_tasks=3000,

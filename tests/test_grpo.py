@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 # Tasks whose first call takes no arguments (`get_special`): a briefly SFT'd model makes it right,
 # so its rollouts meet the cache's exact tier whatever else they get wrong. (Calls that copy a word
-# from the request are beyond such a model: see "What GRPO does at CPU scale" in the README.)
+# from the request are beyond such a model: see "What GRPO does at CPU scale" in docs/demo.md.)
 KINDS = ("shop.buy_special", "shop.buy_all_special")
 # Half the SFT trajectories answer with a plan instead of calling tools (noisy teacher data), so
 # the SFT model acts only some of the time: GRPO has something to learn within a few dozen steps.
@@ -101,7 +101,7 @@ def test_grpo_logs_every_metric_and_exports(grpo_run):
 def test_grpo_raises_the_validation_reward(grpo_run):
     """The SFT model ends about half its held-out tasks with a plan and no call; GRPO makes it act.
 
-    Measured with `experiments/grpo_smoke.py` on this set-up (README, "A GRPO rise at test size"),
+    Measured with `experiments/grpo_smoke.py` on this set-up (docs/demo.md, "A GRPO rise at test size"),
     seeds 0 / 1 / 2, step 0 -> 20: validation reward 0.114 -> 0.226, 0.151 -> 0.233, 0.151 ->
     0.233; meta answers 0.67 -> 0.14, 0.53 -> 0.14, 0.52 -> 0.14; calls per task 0.91 -> 2.16,
     1.28 -> 2.23, 1.28 -> 2.25; order score 0.15 -> 0.38, 0.24 -> 0.39, 0.23 -> 0.40. This test's
