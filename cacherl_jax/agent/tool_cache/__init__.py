@@ -32,7 +32,8 @@ entries recorded in S (use one scope per task or environment snapshot when resul
 state). Entries written by other processes become visible after `refresh()`.
 
 A `ToolCache` is safe to share between threads (one lock) but not across `fork`: open one per
-process.
+process. On a pod every host works on a local copy (`snapshot`) and the hosts' hybrid-mode writes
+are merged in (step, process, row) order (`take_delta`, `sync`, `merge`; see `snapshot`).
 """
 
 from cacherl_jax.agent.tool_cache.cache import SCOPE_MODES, ToolCache, ToolCacheConfig
@@ -55,6 +56,16 @@ from cacherl_jax.agent.tool_cache.records import (
     ToolRecord,
     no_record_response,
 )
+from cacherl_jax.agent.tool_cache.snapshot import (
+    Delta,
+    Origin,
+    delta_from_json,
+    delta_to_json,
+    merge,
+    snapshot,
+    sync,
+    take_delta,
+)
 from cacherl_jax.agent.tool_cache.storage import FORMAT_NAME, SCHEMA_VERSION
 
 __all__ = [
@@ -65,6 +76,8 @@ __all__ = [
     "BuildReport",
     "CacheEntry",
     "CacheHit",
+    "Delta",
+    "Origin",
     "RecordReport",
     "Tier",
     "ToolCache",
@@ -76,8 +89,14 @@ __all__ = [
     "canonical_arguments",
     "canonical_key",
     "canonical_value",
+    "delta_from_json",
+    "delta_to_json",
+    "merge",
     "no_record_response",
     "normalise_string",
     "paired_calls",
+    "snapshot",
+    "sync",
+    "take_delta",
     "value_similarity",
 ]

@@ -92,18 +92,22 @@ class ToolCache:
         self._scoped = config.scope_mode == "scoped"
         self._lock = threading.RLock()
         self._storage = Storage(self.path, config.busy_timeout_s, create=create)
+        self._counts = dict.fromkeys((*TIERS, "unseen_tool"), 0)
+        self._clear()
+        try:
+            self.refresh()
+        except BaseException:
+            self._storage.close()
+            raise
+
+    def _clear(self) -> None:
+        """Empties the in-memory index (the file is untouched)."""
         self._entries = EntryStore()  # in rowid order
         self._strings: dict[str, str] = {}  # one copy of each scope, tool and source name
         self._index: dict[tuple[str, str], ToolIndex] = {}  # (partition, tool) -> index
         self._schemas: dict[str, dict[str, Any]] = {}
         self._last_rowid = 0
         self._last_tool_rowid = 0
-        self._counts = dict.fromkeys((*TIERS, "unseen_tool"), 0)
-        try:
-            self.refresh()
-        except BaseException:
-            self._storage.close()
-            raise
 
     def close(self) -> None:
         with self._lock:
@@ -285,6 +289,32 @@ class ToolCache:
             added = self._storage.insert_tools(rows)
             self.refresh()
         return added
+
+    # -- what this copy wrote: marks, entries since a mark, undoing them ----------------------
+
+    def mark(self) -> int:
+        """A position in the file's entries (the last rowid stored, 0 when empty): pass it to
+        `entries_since` or `rollback` to name what was recorded after it."""
+        with self._lock:
+            self.refresh()
+            return self._last_rowid
+
+    def entries_since(self, mark: int) -> list[CacheEntry]:
+        """The entries stored after `mark`, in the order they were stored (read from the file,
+        so entries other processes wrote count too)."""
+        with self._lock:
+            return [CacheEntry(*row) for rows in self._storage.entries_since(mark) for row in rows]
+
+    def rollback(self, mark: int) -> int:
+        """Deletes the entries stored after `mark` and rebuilds the index from the file; returns
+        how many were deleted. Only for a file no other process reads (a host's snapshot): a
+        reader's index would keep the deleted entries, as rowids are otherwise only added."""
+        with self._lock:
+            deleted = self._storage.delete_entries_after(mark)
+            if deleted:
+                self._clear()
+                self.refresh()
+            return deleted
 
     # -- statistics ------------------------------------------------------------------------------
 

@@ -209,6 +209,13 @@ class Storage:
                 raise self.error(f"a result or argument is not valid Unicode: {exc}") from None
             return self.connection.total_changes - before
 
+    def delete_entries_after(self, last_rowid: int) -> int:
+        """Deletes the entries stored after `last_rowid` (a private copy's own writes, undone);
+        returns how many. The next entry then takes rowid `last_rowid + 1` again."""
+        with self.failing_as("deleting entries"), _transaction(self.connection):
+            cursor = self.connection.execute("DELETE FROM entries WHERE id > ?", (last_rowid,))
+            return cursor.rowcount
+
     def insert_tools(self, rows: Sequence[tuple[str, str]]) -> int:
         """Stores (name, schema JSON) pairs, the first per name staying; returns how many were
         new."""
