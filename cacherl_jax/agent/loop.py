@@ -384,7 +384,11 @@ class CacheAgentLoop:
                 Span(f"<|im_start|>{role}\n{content}<|im_end|>\n", role, row.message_index)
             )
             row.message_index += 1
-        spans.extend(generation_prompt_spans(row.message_index, self.config.enable_thinking))
+        spans.extend(
+            generation_prompt_spans(
+                row.message_index, self.config.enable_thinking, self.tokenizer.chat_variant
+            )
+        )
         delta = encode_spans(spans, self.tokenizer, trained_turns=set())
         if row.env is not None:
             row.env.begin_turn(row.user_turn)

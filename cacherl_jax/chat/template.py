@@ -11,6 +11,14 @@ Kinds: `prompt` (the template, system/user turns, tool results: never trained on
 (`<think>...</think>` the model wrote) and `answer` (content, tool calls and the closing
 `<|im_end|>` the model wrote). Loss mask 1 is exactly the thinking and answer tokens (subject
 to the options of `render`).
+
+Variants, one per published Qwen3 template (`template_check` tells which one a checkpoint has):
+- `qwen3`: the hybrid template of the first Qwen3 release (`enable_thinking` on/off).
+- `qwen3_thinking_2507`: the same rules, but the generation prompt itself opens `<think>\n`, so
+  the model writes only the reasoning and `</think>`; that `<think>\n` is prompt, never target.
+  `enable_thinking` does not exist there.
+- `qwen3_instruct_2507`: no thinking at all: assistant turns are their content and tool calls
+  (`reasoning_content` is ignored, `<think>` in content is plain content).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from cacherl_jax.chat.tokenizer import Tokenizer
 
 Message = Mapping[str, Any]
 Kind = Literal["prompt", "thinking", "answer"]
+Variant = Literal["qwen3", "qwen3_thinking_2507", "qwen3_instruct_2507"]
+VARIANTS: tuple[Variant, ...] = ("qwen3", "qwen3_thinking_2507", "qwen3_instruct_2507")
 
 ROLE_IDS = {"system": 0, "user": 1, "assistant": 2, "tool": 3}
 
@@ -110,28 +120,60 @@ def _system_spans(
     return []
 
 
-def _assistant_spans(
-    message: Message, turn: int, keep_thinking: bool, enable_thinking: bool | None
+def check_variant(variant: str, enable_thinking: bool | None = None) -> None:
+    """Rejects an unknown variant, and `enable_thinking` values its template cannot honour."""
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown chat template variant {variant!r} (one of {', '.join(VARIANTS)})"
+        )
+    if (variant, enable_thinking) in (
+        ("qwen3_thinking_2507", False),
+        ("qwen3_instruct_2507", True),
+    ):
+        raise ValueError(
+            f"enable_thinking={enable_thinking} contradicts the {variant} chat template "
+            "(only the hybrid qwen3 template switches thinking): leave enable_thinking unset"
+        )
+
+
+def _think_spans(
+    reasoning: str, turn: int, enable_thinking: bool | None, variant: Variant
 ) -> list[Span]:
-    reasoning, content = split_reasoning(message)
+    """The think block of a turn that keeps its thinking: all prompt when empty and the model did
+    not write it, else the written part (from `<think>`, or after it for Thinking-2507) through
+    `</think>`."""
+    reasoning = reasoning.strip("\n")
+    if not reasoning and (variant == "qwen3_thinking_2507" or enable_thinking is False):
+        # Hybrid with thinking disabled: the empty block was the generation prompt. Thinking-2507:
+        # such a turn trains its answer only (its model never writes an empty thought), and one
+        # span keeps the template's tokens (`\n\n` is one token).
+        return [Span(_EMPTY_THINK, "assistant", turn)]
+    if variant == "qwen3_thinking_2507":  # `<think>\n` came with the generation prompt
+        return [
+            Span("<think>\n", "assistant", turn),
+            Span(reasoning + "\n</think>", "assistant", turn, "thinking"),
+        ]
+    return [Span("<think>\n" + reasoning + "\n</think>", "assistant", turn, "thinking")]
+
+
+def _assistant_spans(
+    message: Message,
+    turn: int,
+    keep_thinking: bool,
+    enable_thinking: bool | None,
+    variant: Variant = "qwen3",
+) -> list[Span]:
     spans = [Span("<|im_start|>assistant\n", "assistant", turn)]
-    if keep_thinking:
-        if enable_thinking is False and not reasoning.strip("\n"):
-            # With thinking disabled the empty block was part of the generation prompt.
-            spans.append(Span(_EMPTY_THINK, "assistant", turn))
-            body = content.lstrip("\n")
-        else:
-            spans.append(
-                Span(
-                    "<think>\n" + reasoning.strip("\n") + "\n</think>",
-                    "assistant",
-                    turn,
-                    "thinking",
-                )
-            )
-            body = "\n\n" + content.lstrip("\n")
+    if variant == "qwen3_instruct_2507":
+        content = body = _content(message)
     else:
+        reasoning, content = split_reasoning(message)
         body = content
+        if keep_thinking:
+            think = _think_spans(reasoning, turn, enable_thinking, variant)
+            spans.extend(think)
+            # A block in the prompt ends with its "\n\n"; one the model wrote ends at </think>.
+            body = ("" if think[-1].kind == "prompt" else "\n\n") + content.lstrip("\n")
     for index, tool_call in enumerate(message.get("tool_calls") or []):
         if index > 0 or content:
             body += "\n"
@@ -149,8 +191,16 @@ def tool_response_spans(contents: Sequence[str], first_turn: int) -> list[Span]:
     return [Span(text + "<|im_end|>\n", "tool", first_turn)]
 
 
-def generation_prompt_spans(turn: int, enable_thinking: bool | None) -> list[Span]:
-    text = "<|im_start|>assistant\n" + (_EMPTY_THINK if enable_thinking is False else "")
+def generation_prompt_spans(
+    turn: int, enable_thinking: bool | None, variant: Variant = "qwen3"
+) -> list[Span]:
+    """Where the model starts writing: `<think>\\n` included for Thinking-2507."""
+    check_variant(variant, enable_thinking)
+    text = "<|im_start|>assistant\n"
+    if variant == "qwen3_thinking_2507":
+        text += "<think>\n"
+    elif variant == "qwen3" and enable_thinking is False:
+        text += _EMPTY_THINK
     return [Span(text, "assistant", turn)]
 
 
@@ -160,8 +210,10 @@ def render_spans(
     *,
     add_generation_prompt: bool = False,
     enable_thinking: bool | None = None,
+    variant: Variant = "qwen3",
 ) -> list[Span]:
-    """The conversation as spans, following Qwen3's official chat template rule by rule."""
+    """The conversation as spans, following the variant's official chat template rule by rule."""
+    check_variant(variant, enable_thinking)
     spans = _system_spans(messages, tools)
     query = last_query_index(messages)
     index = 0
@@ -174,7 +226,7 @@ def render_spans(
             reasoning, _ = split_reasoning(message)
             is_last = index == len(messages) - 1
             keep_thinking = index > query and (is_last or bool(reasoning))
-            spans.extend(_assistant_spans(message, index, keep_thinking, enable_thinking))
+            spans.extend(_assistant_spans(message, index, keep_thinking, enable_thinking, variant))
         elif role == "tool":
             stop = index
             while stop < len(messages) and messages[stop]["role"] == "tool":
@@ -186,7 +238,7 @@ def render_spans(
             raise ValueError(f"messages[{index}]: unknown role {role!r}")
         index += 1
     if add_generation_prompt:
-        spans.extend(generation_prompt_spans(len(messages), enable_thinking))
+        spans.extend(generation_prompt_spans(len(messages), enable_thinking, variant))
     return spans
 
 
@@ -196,13 +248,15 @@ def render_text(
     *,
     add_generation_prompt: bool = False,
     enable_thinking: bool | None = None,
+    variant: Variant = "qwen3",
 ) -> str:
-    """Exactly the text of Qwen3's official chat template for the same arguments."""
+    """Exactly the text of the variant's official chat template for the same arguments."""
     spans = render_spans(
         messages,
         tools,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=enable_thinking,
+        variant=variant,
     )
     return "".join(span.text for span in spans)
 
@@ -276,17 +330,20 @@ def render(
     enable_thinking: bool | None = None,
     train_on: Literal["all", "last"] = "all",
     train_thinking: bool = True,
+    variant: Variant | None = None,
 ) -> Rendered:
     """Token ids plus loss mask, thinking mask, role and turn ids of every token.
 
     `train_on="last"` trains only the final assistant message; `train_thinking=False` masks the
-    thinking tokens out of the loss (they stay in the input).
+    thinking tokens out of the loss (they stay in the input). `variant` defaults to the
+    tokenizer's `chat_variant` (the checkpoint's template, once checked).
     """
     spans = render_spans(
         messages,
         tools,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=enable_thinking,
+        variant=variant or tokenizer.chat_variant,
     )
     trained_turns = None
     if train_on == "last":
@@ -309,21 +366,33 @@ def render_prompt(
     *,
     enable_thinking: bool | None = None,
 ) -> Rendered:
-    """The prompt a rollout starts from (generation prompt included; nothing trained)."""
+    """The prompt a rollout starts from (generation prompt included; nothing trained), in the
+    tokenizer's chat variant: for Thinking-2507 it ends with `<think>\\n`."""
     spans = render_spans(
-        messages, tools, add_generation_prompt=True, enable_thinking=enable_thinking
+        messages,
+        tools,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+        variant=tokenizer.chat_variant,
     )
     return encode_spans(spans, tokenizer, trained_turns=set())
 
 
 def generated_thinking_mask(token_ids: Sequence[int], tokenizer: Tokenizer) -> np.ndarray:
-    """1 on the tokens of the think block at the start of a generated turn (through `</think>`)."""
+    """1 on the tokens of the think block at the start of a generated turn (through `</think>`).
+
+    With Thinking-2507 the block was opened by the prompt, so the turn starts inside it; with
+    Instruct-2507 nothing is thinking (a `<think>` it writes is content, as its template renders).
+    """
     ids = np.asarray(token_ids)
     mask = np.zeros(len(ids), np.int8)
+    variant = tokenizer.chat_variant
+    if variant == "qwen3_instruct_2507":
+        return mask
     ends = np.flatnonzero(ids == tokenizer.special.think_end)
     if len(ends):
         mask[: ends[0] + 1] = 1
-    elif len(ids) and ids[0] == tokenizer.special.think:
+    elif len(ids) and (ids[0] == tokenizer.special.think or variant == "qwen3_thinking_2507"):
         mask[:] = 1  # unclosed: everything generated is thinking
     return mask
 
@@ -362,5 +431,7 @@ def append_tool_results(
         spans.append(Span("<|im_end|>", "assistant", assistant_turn))
     spans.append(Span("\n", "assistant", assistant_turn))
     spans.extend(tool_response_spans(results, first_turn))
-    spans.extend(generation_prompt_spans(first_turn + len(results), enable_thinking))
+    spans.extend(
+        generation_prompt_spans(first_turn + len(results), enable_thinking, tokenizer.chat_variant)
+    )
     return rendered.concat(encode_spans(spans, tokenizer, trained_turns=set()))

@@ -79,7 +79,12 @@ class TokenizerError(UserError, ValueError):
 
 
 class Tokenizer:
-    """`encode`, `decode`, `vocab_size` and the special ids, whatever the backend."""
+    """`encode`, `decode`, `vocab_size` and the special ids, whatever the backend.
+
+    `chat_variant` names the Qwen3 chat template that `render` and the rollout functions follow
+    (`chat.template.VARIANTS`): the hybrid `"qwen3"` unless a checkpoint's own template says
+    otherwise (`chat.template_check.check_checkpoint_template` sets it).
+    """
 
     def __init__(self, name: str, backend: Any, special_ids: dict[str, int], vocab_size: int):
         self.name = name
@@ -87,6 +92,7 @@ class Tokenizer:
         self._special_ids = dict(special_ids)
         self.special = SpecialTokens.from_lookup(self._special_ids, name)
         self.vocab_size = vocab_size
+        self.chat_variant = "qwen3"
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(unicodedata.normalize("NFC", text))
