@@ -7,24 +7,28 @@ or skipped beyond `seq_len`, and dropped if no trained target is left. Examples 
 their index in the `examples` sequence (`example_id`; `render_examples` keeps trajectory order,
 so it is also the trajectory's index).
 
-Packing. Our own packer, not grain's: per epoch and per host, examples are taken in the epoch's
-order and each goes into the first row of the current batch with room for it (first fit over the
-batch's rows); the first example that fits no row closes the batch (its rows are padded) and
-opens the next. An example is never split or reordered across batches, and an epoch's last batch
-is closed at the epoch's end, so every example is in exactly one row per epoch. We measured row
-fill 0.83 with 8 rows per host batch (0.74 with 1 row, 0.89 with 32) on lengths uniform in
-100..360 with seq_len 512. grain's `FirstFitPackIterDataset` does the same first fit but
-restores by re-reading from the last batch boundary, has no truncate/skip counters and lets
-hosts fall out of step; our plan makes a position two integers and keeps hosts in lockstep.
+Packing. Our own packer, not grain's: per epoch, examples are taken in the epoch's order and each
+goes into the first row of the current global batch of `batch_size` rows with room for it (first
+fit over the batch's rows); the first example that fits no row closes the batch (its rows are
+padded) and opens the next. An example is never split or reordered across batches, and an
+epoch's last batch is closed at the epoch's end, so every example is in exactly one row per
+epoch. We measured row fill 0.83 with 8 rows per batch (0.74 with 1 row, 0.89 with 32) on
+lengths uniform in 100..360 with seq_len 512. grain's `FirstFitPackIterDataset` does the same
+first fit but restores by re-reading from the last batch boundary, has no truncate/skip counters
+and lets hosts fall out of step; our plan makes a position two integers and keeps hosts in
+lockstep.
 
 Epochs and hosts. Epoch `e` visits the examples in `permutation(seed, e)` (or in order without
-`shuffle`); host `p` of `P` takes positions `p::P` of it, so the hosts' slices are disjoint and
-cover the epoch. Packing needs only lengths, so every host plans every host's slice (cheap: a
-pass over lengths) and each epoch lasts the largest host's number of batches on all hosts; a host
-that runs out first yields all-padding batches (loss mask 0). Hosts therefore always agree on
-the epoch, a finite run ends on the same step everywhere, and the counters below are global.
+`shuffle`). Packing needs only lengths, so every host plans the same global batches (a cheap
+pass over lengths) and host `p` of `P` yields rows `[p * R, (p + 1) * R)` of each, with
+`R = batch_size // P`. The trainer's `jax.make_array_from_process_local_data` puts process `p`'s
+rows in the `p`-th contiguous block of the batch axis when the mesh's devices are in process
+order (as `jax.devices()` lists them), so the global array, and therefore training, is the same
+for any number of hosts, and a run can resume on a different host count. A host whose rows are
+all empty (an epoch's last batch may have few) yields padding (loss mask 0). Hosts always agree
+on the epoch, a finite run ends on the same step everywhere, and the counters are global.
 
-Batches (per-host, `B = batch_size // process_count` rows of `T = seq_len` tokens):
+Batches (per host, `B = R` rows of `T = seq_len` tokens):
 
     tokens_BxT         int32  inputs (pad_id on padding)
     targets_BxT        int32  next tokens (pad_id on padding)
@@ -39,9 +43,10 @@ Batches (per-host, `B = batch_size // process_count` rows of `T = seq_len` token
                        Pop it before sending the batch to devices.
 
 State (`get_state`) is `{"version", "epoch", "batch", "fingerprint"}`: the next batch to yield
-plus what determines the order (config, hosts, example lengths), which `set_state` checks, so a
-state cannot silently be restored into a different pipeline. `num_epochs` and `pad_id` are not in
-the fingerprint: a run can be resumed with more epochs.
+plus what determines the order (config, example lengths), which `set_state` checks, so a state
+cannot silently be restored into a different pipeline. `num_epochs`, `pad_id` and the host count
+are not in the fingerprint: a run can be resumed with more epochs or on other hosts. Version 1
+states (whose order depended on the host count) are refused.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ BATCH_KEYS = (
     "example_ids_BxT",
 )
 COUNTERS = ("examples", "truncated", "skipped_too_long", "skipped_no_target")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: each host packed its own slice, so the order depended on the host count
 
 # What happens to an example (after shifting), decided once from its length and mask. The two
 # skip statuses equal the index of their counter in COUNTERS.
@@ -189,14 +194,17 @@ def _classify(
 
 @dataclasses.dataclass
 class _EpochPlan:
-    """This host's batches (batch -> row -> example ids) and the global counters after each."""
+    """The epoch's global batches (batch -> row -> example ids) and the counters after each."""
 
-    rows: list[list[list[int]]]  # may be shorter than num_batches: the rest is padding
-    num_batches: int  # the same on every host
-    counts_NxC: np.ndarray  # [num_batches, len(COUNTERS)], cumulative over the epoch, all hosts
+    rows: list[list[list[int]]]  # a batch may have fewer than batch_size rows: the rest is padding
+    counts_NxC: np.ndarray  # [num_batches, len(COUNTERS)], cumulative over the epoch
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.counts_NxC)
 
 
-def _pack_slice(
+def _pack_epoch(
     ids: np.ndarray, lengths: Sequence[int], status: Sequence[int], rows: int, seq_len: int
 ) -> tuple[list[list[list[int]]], list[list[int]]]:
     """First fit over the rows of the current batch; the counters after each closed batch."""
@@ -272,6 +280,12 @@ class _PackedBatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         version = state.get("version") if isinstance(state, Mapping) else None
+        if version == 1:
+            raise ValueError(
+                "the data pipeline state is of version 1, whose batches depended on the number "
+                f"of hosts; this pipeline (version {STATE_VERSION}) packs other batches and cannot "
+                "continue that run: start it again in a fresh workdir"
+            )
         if version != STATE_VERSION:
             raise ValueError(
                 f"not a data pipeline state of version {STATE_VERSION} (got version {version!r})"
@@ -306,7 +320,8 @@ class _PackedBatchDataset(grain.IterDataset):
         self.config = config
         self.process_index = process_index
         self.process_count = process_count
-        self.rows = config.batch_size // process_count
+        self.rows = config.batch_size // process_count  # this host's share of each batch
+        self.first_row = process_index * self.rows
         self.lengths, self.status = _classify(arrays, config.seq_len, config.overflow)
         if not np.any(self.lengths):
             reasons = {
@@ -325,8 +340,6 @@ class _PackedBatchDataset(grain.IterDataset):
             "seed": config.seed,
             "shuffle": config.shuffle,
             "overflow": config.overflow,
-            "process_index": process_index,
-            "process_count": process_count,
         }
         self._lengths_list, self._status_list = self.lengths.tolist(), self.status.tolist()
         self._epoch_totals: np.ndarray | None = None
@@ -341,26 +354,13 @@ class _PackedBatchDataset(grain.IterDataset):
         )
 
     def plan_epoch(self, epoch: int) -> _EpochPlan:
-        """Packs every host's slice of the epoch (lengths only) and keeps this host's rows."""
+        """Packs the whole epoch into global batches (lengths only): the same plan on every host."""
         config = self.config
         order = epoch_order(len(self.arrays), epoch, seed=config.seed, shuffle=config.shuffle)
-        packed = [
-            _pack_slice(
-                order[host :: self.process_count],
-                self._lengths_list,
-                self._status_list,
-                self.rows,
-                config.seq_len,
-            )
-            for host in range(self.process_count)
-        ]
-        num_batches = max(len(batches) for batches, _ in packed)
-        counts_NxC = np.zeros((num_batches, len(COUNTERS)), np.int64)
-        for _, counts_after in packed:
-            # A host that has run out stays at its totals for the rest of the epoch.
-            padded = counts_after + [counts_after[-1]] * (num_batches - len(counts_after))
-            counts_NxC += np.array(padded, np.int64)
-        return _EpochPlan(packed[self.process_index][0], num_batches, counts_NxC)
+        rows, counts_after = _pack_epoch(
+            order, self._lengths_list, self._status_list, config.batch_size, config.seq_len
+        )
+        return _EpochPlan(rows, np.array(counts_after, np.int64))
 
     def epoch_totals(self) -> np.ndarray:
         """Global counters of one whole epoch: the same every epoch (one visit per example)."""
@@ -386,7 +386,9 @@ class _PackedBatchDataset(grain.IterDataset):
         segment_ids_BxT = np.zeros((B, T), np.int32)
         positions_BxT = np.zeros((B, T), np.int32)
         example_ids_BxT = np.full((B, T), -1, np.int32)
-        rows = plan.rows[index] if index < len(plan.rows) else []
+        # This host's block of the global batch; nothing packed at all leaves an empty batch.
+        global_rows = plan.rows[index] if index < len(plan.rows) else []
+        rows = global_rows[self.first_row : self.first_row + B]
         for row, example_ids in enumerate(rows):
             start = 0
             for segment, example_id in enumerate(example_ids, start=1):
@@ -425,7 +427,8 @@ def make_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
-    """Packed per-host batches of `config.batch_size // process_count` rows (see module doc)."""
+    """This host's rows of the packed global batches: rows `[p * R, (p + 1) * R)` of each, with
+    `p = process_index` and `R = config.batch_size // process_count` (see module doc)."""
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(
             f"process_index must be in [0, process_count), got {process_index} of {process_count}"

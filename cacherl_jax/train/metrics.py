@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from cacherl_jax import fs
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -26,7 +27,7 @@ class MetricsWriter:
     def __init__(
         self, workdir: str | os.PathLike[str], *, resume_step: int = 0, enabled: bool = True
     ):
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = fs.workdir_path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self._tensorboard = None
         if not enabled:
@@ -40,7 +41,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self._tensorboard = SummaryWriter(
-                str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1
+                str(fs.workdir_path(workdir) / "tensorboard"), purge_step=resume_step + 1
             )
         except ImportError:  # TensorBoard is optional; the JSON lines are the record
             self._tensorboard = None
@@ -52,8 +53,7 @@ class MetricsWriter:
             "step": step,
             **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()},
         }
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        fs.append_text(self.path, json.dumps(record) + "\n")
         if self._tensorboard is not None:
             for key, value in scalars.items():
                 self._tensorboard.add_scalar(key, value, step)
@@ -71,7 +71,7 @@ def _step_of(line: str) -> int:
 
 
 def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    path = Path(workdir) / "metrics.jsonl"
+    path = fs.workdir_path(workdir) / "metrics.jsonl"
     return (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if path.exists()

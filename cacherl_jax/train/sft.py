@@ -24,9 +24,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cacherl_jax import parallel
+from cacherl_jax import fs, parallel
 from cacherl_jax.chat import Tokenizer, load_tokenizer, train_tokenizer
 from cacherl_jax.chat.template import render_text
+from cacherl_jax.chat.template_check import copy_chat_template, load_checked_tokenizer
 from cacherl_jax.chat.trajectory import load_jsonl
 from cacherl_jax.data import pipeline as data_pipeline
 from cacherl_jax.model import (
@@ -45,6 +46,7 @@ from cacherl_jax.train.host_memory import release_freed_memory
 from cacherl_jax.train.loss import chunked_cross_entropy, sft_weights
 from cacherl_jax.train.metrics import MetricsWriter
 from cacherl_jax.train.optimizer import make_optimizer
+from cacherl_jax.train.preemption import Preemption
 from cacherl_jax.train.step import batch_shards, init_train_state, make_update_step
 
 log = logging.getLogger(__name__)
@@ -144,8 +146,8 @@ def make_train_step(
 
 def _tokenizer(config: ml_collections.ConfigDict, workdir: Path, trajectories: list) -> Tokenizer:
     spec = config.tokenizer.spec
-    if spec:
-        return load_tokenizer(spec)
+    if spec:  # the chat variant of the checkpoint trained from, checked against its template
+        return load_checked_tokenizer(spec, config.model.checkpoint or None)
     local = workdir / "tokenizer"
     if (local / "tokenizer.json").exists():  # a resumed run keeps the vocabulary it started with
         return load_tokenizer(local)
@@ -235,7 +237,7 @@ def train(
 
     `devices` (default: all) is the set the config's mesh is laid over.
     """
-    workdir = Path(workdir).absolute()
+    workdir = fs.workdir_path(workdir)
     mesh = make_checked_mesh(config, devices)
     workdir.mkdir(parents=True, exist_ok=True)
     model, data_iterator = load_data(config, workdir)
@@ -257,7 +259,7 @@ def train(
     step_config = StepConfig.from_config(config, model, lora)
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jit_train_step(step_config, tx, schedule, state_shardings, base, batch_sharding)
-    state, last = run_steps(
+    state, last, preempted_at = run_steps(
         config,
         workdir,
         train_step,
@@ -271,6 +273,8 @@ def train(
     )
 
     summary = {"steps": config.train.steps, "resumed_from": start_step, **last}
+    if preempted_at is not None:  # not the trained model yet: no export
+        return summary | {"preempted_at": preempted_at}
     if config.train.export_hf:
         final = model_params(state["trainable"], base, step_config)
         summary["export"] = str(export_hf(config, workdir, model, final))
@@ -421,10 +425,12 @@ def run_steps(
     start_step: int,
     *,
     progress: bool,
-) -> tuple[dict[str, Any], dict[str, float]]:
+) -> tuple[dict[str, Any], dict[str, float], int | None]:
     """The steps from `start_step` to `train.steps`: metrics every `log_every` steps, a checkpoint
     (state and data position) every `checkpoint_every`, both after the last step; a non-finite
-    loss stops the run without saving. Returns the final state and the last logged metrics."""
+    loss stops the run without saving. A SIGTERM (`Preemption`) stops it after the current step,
+    saved. Returns the state, the last logged metrics and the step a preemption stopped at (None
+    when the run went to `train.steps`)."""
     writer = MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ids_log = workdir / "example_ids.jsonl" if config.train.log_example_ids else None
     steps = config.train.steps
@@ -438,35 +444,43 @@ def run_steps(
     last: dict[str, float] = {}
     window_start, window_tokens = time.perf_counter(), 0
     compiled_step = None
-    try:
-        for step in range(start_step, steps):
-            batch = next(data_iterator)
-            global_batch = _to_global(batch, batch_sharding)
-            if compiled_step is None:  # every batch has the same shapes: one compilation
-                compiled_step = train_step.lower(state, base, global_batch).compile()
-                release_freed_memory()  # the compiler's, before the step's buffers come on top
-            state, metrics = compiled_step(state, base, global_batch)
-            window_tokens += int(np.sum(batch["segment_ids_BxT"] > 0))
-            if ids_log is not None and jax.process_index() == 0:
-                _append_example_ids(ids_log, step + 1, batch)
-            is_log = (step + 1) % config.train.log_every == 0 or step + 1 == steps
-            is_checkpoint = (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps
-            if is_log or is_checkpoint:
-                last = _fetch_finite(metrics, step + 1, checkpoints)
-                elapsed = time.perf_counter() - window_start
-                last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-                last.update(_data_stats(batch))
-                writer.write(step + 1, last)
-                window_start, window_tokens = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if is_checkpoint:
-                checkpoints.save(step + 1, state, data_pipeline.get_state(data_iterator))
-            bar.update()
-    finally:
-        bar.close()
-        checkpoints.wait()
-        writer.close()
-    return state, last
+    preempted_at = None
+    with Preemption() as preemption:
+        try:
+            for step in range(start_step, steps):
+                batch = next(data_iterator)
+                global_batch = _to_global(batch, batch_sharding)
+                if compiled_step is None:  # every batch has the same shapes: one compilation
+                    compiled_step = train_step.lower(state, base, global_batch).compile()
+                    release_freed_memory()  # the compiler's, before the step's buffers come on top
+                state, metrics = compiled_step(state, base, global_batch)
+                window_tokens += int(np.sum(batch["segment_ids_BxT"] > 0))
+                if ids_log is not None and jax.process_index() == 0:
+                    _append_example_ids(ids_log, step + 1, batch)
+                is_log = (step + 1) % config.train.log_every == 0 or step + 1 == steps
+                is_checkpoint = (step + 1) % config.train.checkpoint_every == 0 or step + 1 == steps
+                if is_log or is_checkpoint:
+                    last = _fetch_finite(metrics, step + 1, checkpoints)
+                    elapsed = time.perf_counter() - window_start
+                    last["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    last.update(_data_stats(batch))
+                    writer.write(step + 1, last)
+                    window_start, window_tokens = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if is_checkpoint:
+                    checkpoints.save(step + 1, state, data_pipeline.get_state(data_iterator))
+                bar.update()
+                # Every process asks after every step but the last (the run ends there anyway).
+                if step + 1 < steps and preemption.requested():
+                    if not is_checkpoint:
+                        checkpoints.save(step + 1, state, data_pipeline.get_state(data_iterator))
+                    preempted_at = _saved_for_preemption(step + 1, checkpoints)
+                    break
+        finally:
+            bar.close()
+            checkpoints.wait()
+            writer.close()
+    return state, last, preempted_at
 
 
 def export_hf(
@@ -484,7 +498,15 @@ def export_hf(
         source = source / "tokenizer.json"
     if spec != "qwen3" and jax.process_index() == 0:
         shutil.copy(source, export_dir / "tokenizer.json")
+    if config.model.checkpoint and jax.process_index() == 0:  # keeps its chat variant
+        copy_chat_template(config.model.checkpoint, export_dir)
     return export_dir
+
+
+def _saved_for_preemption(step: int, checkpoints: checkpoint_lib.Checkpoints) -> int:
+    checkpoints.wait()  # the scheduler's SIGKILL follows: the checkpoint must be on disk first
+    log.warning("preempted: saved step %d, exiting; rerun the same command to resume", step)
+    return step
 
 
 def _fetch_finite(
