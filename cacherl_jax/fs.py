@@ -7,8 +7,13 @@ Only the tool cache's SQLite file stays local by design (see `cacherl_jax.agent.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
+import jax
 from etils import epath
 
 
@@ -31,3 +36,21 @@ def append_text(path: epath.Path, text: str) -> None:
             f.write(text)
         return
     path.write_text((path.read_text() if path.exists() else "") + text)
+
+
+@contextlib.contextmanager
+def local_directory(path: epath.Path) -> Iterator[Path]:
+    """A local directory to write `path`'s files into, for writers that need local files (the
+    safetensors export): `path` itself when local; for a remote `path`, a temporary directory
+    whose files process 0 uploads there on exit, replacing what was there."""
+    if not is_remote(path):
+        yield Path(os.fspath(path))
+        return
+    with tempfile.TemporaryDirectory(prefix="cacherl-export-") as local:
+        yield Path(local)
+        if jax.process_index() == 0:
+            if path.exists():
+                path.rmtree()
+            path.mkdir(parents=True)
+            for file in Path(local).iterdir():
+                (path / file.name).write_bytes(file.read_bytes())

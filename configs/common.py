@@ -29,8 +29,28 @@ def variant(kind: str, arg: str | None, variants: tuple[str, ...]) -> str:
 
 
 def mesh() -> dict[str, int]:
-    """Mesh axes (-1: the remaining devices); parallel.DEFAULT_RULES maps model axes onto them."""
+    """Mesh axes within a slice or node (ICI / NVLink; -1: the remaining devices);
+    parallel.DEFAULT_RULES maps model axes onto them. FSDP within a slice is the default."""
     return dict(data=1, fsdp=-1, tensor=1)
+
+
+def dcn_mesh() -> dict[str, int]:
+    """How each mesh axis is further split across slices or nodes (DCN, the slow links): e.g.
+    `data=2` on two v5p slices or two 8-GPU nodes makes data parallelism the only traffic between
+    them (one gradient all-reduce per step). All 1: a single slice."""
+    return dict(data=1, fsdp=1, tensor=1)
+
+
+def rollout() -> dict:
+    """Where each host samples: its own devices, the weights split over `tensor` of them
+    (a divisor of the model's KV heads; 1 keeps a whole copy per device)."""
+    return dict(tensor=1)
+
+
+def runtime() -> dict:
+    """Process-level settings: a persistent XLA compilation cache directory ("" = off; local or
+    gs://), which makes a restarted or preempted job skip recompiling."""
+    return dict(compilation_cache_dir="")
 
 
 def distributed() -> dict:
@@ -93,6 +113,9 @@ def tool_cache() -> ml_collections.ConfigDict:
     """The tool cache that answers the rollouts' calls."""
     config = ml_collections.ConfigDict()
     config.path = ""  # "" : <workdir>/tool_cache.sqlite
+    # Where each process keeps its private copy when there are several ("" = a temporary
+    # directory): local disk, never a network filesystem.
+    config.local_dir = ""
     config.build_from = ""  # trajectories JSONL recorded into the cache (comma-separated)
     config.fuzzy_threshold = 80.0
     config.scope_mode = "scoped"  # procedural results depend on each task's world

@@ -6,8 +6,8 @@
         --config.cache.build_from=data/train.jsonl --workdir=runs/grpo-4b
 
 `arg` picks the variant: `tiny` (CPU scale, procedural tasks, full fine-tuning of an SFT'd tiny
-model) or `qwen3_0.6b` / `qwen3_1.7b` / `qwen3_4b` (LoRA r=128, beta 0.15, lr 1e-6, G=16 as in
-the paper). `model.checkpoint` is an HF directory (e.g. the `hf/` an SFT run exports, which also
+model) or `qwen3_0.6b` / `qwen3_1.7b` / `qwen3_4b` / `qwen3_8b` (LoRA r=128, beta 0.15, lr 1e-6,
+G=16 as in the paper). `model.checkpoint` is an HF directory (e.g. the `hf/` an SFT run exports, which also
 holds its tokenizer). Every field can be overridden on the command line.
 """
 
@@ -15,7 +15,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b")
+VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_8b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.variant = variant
     config.seed = 0
     config.mesh = common.mesh()
+    config.dcn_mesh = common.dcn_mesh()
+    config.runtime = common.runtime()
+    config.rollout = common.rollout()
     config.distributed = common.distributed()
     config.model = common.model()  # model.checkpoint is required
 
@@ -68,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         log_every=1,
         checkpoint_every=50,
         eval_every=50,  # 0: only before the first and after the last
+        save_rollouts=False,  # rollouts/step_N.jsonl: every rollout's tokens, reward and tiers
     )
     config.eval = common.evaluation()
     config.lora = common.lora()

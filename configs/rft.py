@@ -19,7 +19,7 @@ import ml_collections
 
 from configs import common, sft
 
-VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b")
+VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_8b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.variant = variant
     config.seed = 0
     config.mesh = common.mesh()
+    config.dcn_mesh = common.dcn_mesh()
+    config.runtime = common.runtime()
+    config.rollout = common.rollout()
     config.distributed = common.distributed()
     config.model = common.model()  # model.checkpoint is required
 

@@ -5,7 +5,7 @@
         --config.data.train=data/train.jsonl --config.mesh.fsdp=-1 --workdir=runs/sft-0.6b
 
 `arg` picks the variant: `tiny` (the 1.1M-parameter CPU model with a tokenizer trained on the
-data itself), `qwen3_0.6b`, `qwen3_1.7b`, `qwen3_4b` (load `model.checkpoint`, a Hugging Face
+data itself), `qwen3_0.6b` ... `qwen3_8b` (load `model.checkpoint`, a Hugging Face
 directory, with the real Qwen3 tokenizer, LoRA r=128 as in the paper). Every field can be
 overridden on the command line; the resolved config is written to the workdir.
 """
@@ -14,7 +14,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b")
+VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_8b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,6 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.variant = variant
     config.seed = 0
     config.mesh = common.mesh()
+    config.dcn_mesh = common.dcn_mesh()
+    config.runtime = common.runtime()
     config.distributed = common.distributed()
 
     config.model = common.model()

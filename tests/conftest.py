@@ -1,6 +1,7 @@
 """Shared fixtures. Eight simulated CPU devices, so sharding tests run on any machine."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "")
 import jax
@@ -55,6 +56,19 @@ def hf_checkpoint_dir(tmp_path_factory):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shop_sft_run(tmp_path_factory):
+    """A briefly SFT'd tiny model and its data (tests/shop_run.py), built once per session.
+    `CACHERL_TEST_SHOP_RUN=DIR` reuses one built earlier by `shop_run.build(DIR)` (to iterate on
+    the tests that use it without rebuilding)."""
+    import shop_run
+
+    reuse = os.environ.get("CACHERL_TEST_SHOP_RUN")
+    if reuse and (Path(reuse) / "sft" / "hf" / "config.json").exists():
+        return Path(reuse)
+    return shop_run.build(tmp_path_factory.mktemp("shop"))
 
 
 @pytest.fixture

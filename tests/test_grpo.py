@@ -8,42 +8,22 @@ import nbformat
 import numpy as np
 import pytest
 from nbclient import NotebookClient
+from shop_run import KINDS, SEQ_LEN
 
-from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
-from cacherl_jax.train import grpo, sft
+from cacherl_jax.agent.procedural import generate_tasks
+from cacherl_jax.train import grpo
 from cacherl_jax.train.metrics import read_metrics
 from configs import grpo as grpo_configs
-from configs import sft as sft_configs
 
 # Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
 pytestmark = pytest.mark.slow
 
-# Tasks whose first call takes no arguments (`get_special`): a briefly SFT'd model makes it right,
-# so its rollouts meet the cache's exact tier whatever else they get wrong. (Calls that copy a word
-# from the request are beyond such a model: see "What GRPO does at CPU scale" in docs/demo.md.)
-KINDS = ("shop.buy_special", "shop.buy_all_special")
-# Half the SFT trajectories answer with a plan instead of calling tools (noisy teacher data), so
-# the SFT model acts only some of the time: GRPO has something to learn within a few dozen steps.
-PLAN_ONLY_FRACTION = 0.5
-SFT_STEPS = 300
-SEQ_LEN = 512  # a buy_all_special trajectory is ~415 tokens: shorter rows would cut its answer off
 GRPO_STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    tasks = generate_tasks("train", 600, seed=0, kinds=list(KINDS))
-    write_trajectories(root / "train.jsonl", tasks, plan_only_fraction=PLAN_ONLY_FRACTION, seed=0)
-    write_trajectories(root / "reference.jsonl", tasks)  # all solved: what the cache records
-    config = sft_configs.get_config("tiny")
-    config.data.train = str(root / "train.jsonl")
-    config.data.seq_len = SEQ_LEN
-    config.train.steps = SFT_STEPS
-    config.train.checkpoint_every = SFT_STEPS
-    config.train.async_checkpoints = False
-    sft.train(config, root / "sft", progress=False)
-    return root
+def sft_checkpoint(shop_sft_run):
+    return shop_sft_run
 
 
 def _grpo_config(root, steps):

@@ -197,3 +197,70 @@ def test_sharded_load_reads_only_each_devices_block(single_device_logits, monkey
     load_hf_checkpoint(path, mesh=parallel.make_mesh({"fsdp": 8}))
     matrix_reads = [(shape, size) for shape, size in reads if len(shape) == 2]
     assert matrix_reads and all(size * 8 == np.prod(shape) for shape, size in matrix_reads)
+
+
+# --- many processes (simulated here by the process index and count; the real thing is
+# tests/test_multihost.py) ------------------------------------------------------------------------
+
+
+def _as_process(monkeypatch, index: int, count: int) -> None:
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+
+
+def test_process_shares_are_contiguous_blocks_in_process_order(monkeypatch):
+    items = list(range(11))
+    for even, count in ((True, 1), (False, 3), (False, 4)):
+        blocks = []
+        for index in range(count):
+            _as_process(monkeypatch, index, count)
+            blocks.append(list(parallel.process_share(items, even=even)))
+        assert sum(blocks, []) == items
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    _as_process(monkeypatch, 0, 4)
+    with pytest.raises(parallel.ShardingError, match="10 tasks do not split evenly over 4"):
+        parallel.process_share(list(range(10)), "tasks")
+
+
+def test_allgather_objects_on_one_process_is_the_value():
+    value = {"rows": [1, 2], "name": "x"}
+    assert parallel.allgather_objects(value) == [value]
+
+
+def test_local_mesh_splits_a_process_devices_into_data_and_tensor():
+    mesh = parallel.local_mesh(4)
+    assert dict(mesh.shape) == {"data": 2, "tensor": 4}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.local_devices())
+    with pytest.raises(parallel.ShardingError, match="tensor=3 must divide the 8 devices"):
+        parallel.local_mesh(3)
+
+
+def test_dcn_axes_are_checked_and_all_ones_is_one_slice():
+    mesh = parallel.make_mesh({"data": 1, "fsdp": -1}, dcn_axes={"data": 1, "fsdp": 1})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
+    with pytest.raises(parallel.ShardingError, match="dcn mesh axes must be among"):
+        parallel.make_mesh({"data": 1, "fsdp": -1}, dcn_axes={"pipeline": 2})
+    with pytest.raises(parallel.ShardingError, match="8 devices do not split into 3 slices"):
+        parallel.make_mesh({"data": 1, "fsdp": -1}, dcn_axes={"data": 3})
+
+
+def test_local_copy_needs_a_local_mesh():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": -1, "tensor": 1})
+    with pytest.raises(parallel.ShardingError, match="move to a mesh from parallel.local_mesh"):
+        parallel.local_copy_fn({}, mesh)
+
+
+def test_start_turns_on_the_compilation_cache_and_builds_the_mesh(tmp_path):
+    config = {
+        "mesh": {"data": 2, "fsdp": -1, "tensor": 1},
+        "dcn_mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "distributed": {"enabled": False},
+        "runtime": {"compilation_cache_dir": str(tmp_path / "xla")},
+    }
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        mesh = parallel.start(config)
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}

@@ -447,17 +447,57 @@ def test_filtered_frequencies_match_the_filtered_softmax():
 
 def test_sharded_over_a_mesh_matches_one_device(samplers, rng):
     """Weights in training shardings on a data=2, fsdp=2, tensor=2 mesh: the sampler splits the
-    batch over all 8 devices and generates what one device does."""
+    batch over data x fsdp, weights and KV heads over tensor, and generates what one device does."""
     params, single = samplers()
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded_params = jax.device_put(params, param_shardings(TINY, mesh))
     prompts = _prompts(rng, [5, 12, 3])
     sampling = SamplingParams(temperature=1.0, max_new_tokens=16, seed=5)
     state, on_mesh = Sampler(sharded_params, TINY, mesh=mesh).start(prompts, sampling)
-    assert state.cache.k.sharding.spec[1] == ("data", "fsdp", "tensor")  # [L, B, ...]
+    assert state.cache.k.sharding.spec[1:3] == (("data", "fsdp"), "tensor")  # [L, B, K, ...]
     for a, b in zip(on_mesh, single.generate(prompts, sampling), strict=True):
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LOGPROB_TOLERANCE)
+
+
+# KV heads divide by 4, so the rollout weights and cache can split over tensor=4.
+TENSOR4 = Qwen3Config(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+    num_kv_heads=4, head_dim=16, rope_theta=1e6, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def test_tensor_parallel_rollouts_match_one_copy(hf_checkpoint_dir, rng):
+    """8 devices: weights moved from FSDP over all 8 to tensor=4 x data=2 (checked equal, leaf by
+    leaf, and split over heads) sample what tensor=1 x data=8 does: greedy tokens identical,
+    log-probs to 1e-5, multi-turn `resume` included."""
+    params = load_hf_checkpoint(hf_checkpoint_dir("tensor4", TENSOR4))[1]
+    params = _scaled(params, 4.0)
+    train_mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    trained = jax.device_put(params, param_shardings(TENSOR4, train_mesh))
+    prompts = _prompts(rng, [7, 19, 4, 11, 2, 9, 13, 5])
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    outputs = {}
+    for tensor in (1, 4):
+        sampler = Sampler(trained, TENSOR4, mesh=parallel.local_mesh(tensor))
+        moved = sampler.params
+        for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        wk = moved["layers"]["wk"]  # [L, E, K, D]
+        assert wk.sharding.shard_shape(wk.shape)[2] == 4 // tensor
+        state, first = sampler.start(prompts, greedy, max_len=96)
+        state, second = sampler.resume(state, [[1, 2, 3]] * len(prompts), greedy)
+        assert state.cache.k.sharding.shard_shape(state.cache.k.shape)[2] == 4 // tensor
+        outputs[tensor] = first + second
+    for a, b in zip(outputs[1], outputs[4], strict=True):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_tensor_must_divide_kv_heads(samplers):
+    params = samplers()[0]
+    with pytest.raises(parallel.ShardingError, match="tensor=4 must divide the model's 2 KV"):
+        Sampler(params, TINY, mesh=parallel.local_mesh(4))
 
 
 def test_bad_input_is_refused_clearly(samplers):

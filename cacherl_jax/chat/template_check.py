@@ -296,3 +296,14 @@ def copy_chat_template(
             shutil.copy(Path(source_dir) / name, Path(export_dir) / name)
             copied.append(name)
     return copied
+
+
+def load_checked_tokenizer(spec: str, checkpoint_dir: str | os.PathLike[str] | None) -> Tokenizer:
+    """The tokenizer `spec` names (or the checkpoint's own), its chat variant read from the
+    checkpoint's template and verified against it: what every command that loads a checkpoint
+    does first, so a mismatch stops it before any work."""
+    from cacherl_jax.chat.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(spec or os.fspath(checkpoint_dir))
+    check_checkpoint_template(checkpoint_dir, tokenizer)
+    return tokenizer

@@ -15,12 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
+import jax
+
+from cacherl_jax import parallel
 from cacherl_jax.agent import bfcl as bfcl_tasks
 from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, PromptTooLongError
 from cacherl_jax.agent.procedural import generate_tasks
-from cacherl_jax.chat import load_tokenizer
 from cacherl_jax.chat.parse import parse_assistant
 from cacherl_jax.chat.template import render_prompt
+from cacherl_jax.chat.template_check import load_checked_tokenizer
 from cacherl_jax.errors import UserError
 from cacherl_jax.eval import bfcl_scoring, report
 from cacherl_jax.model import load_hf_checkpoint
@@ -47,15 +50,44 @@ def register_cli(commands) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--output", default="runs/eval")
+    parser.add_argument(
+        "--rollout-tensor",
+        type=int,
+        default=1,
+        help="split the weights over this many of each process's devices (1: a copy per device)",
+    )
+    multi = parser.add_argument_group("many processes (one per host; see docs/launch.md)")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the other processes with jax.distributed (auto-detected on TPU pods, SLURM)",
+    )
+    multi.add_argument("--coordinator-address", default="", help="host:port of process 0")
+    multi.add_argument("--num-processes", type=int, default=0)
+    multi.add_argument("--process-id", type=int, default=-1)
     parser.set_defaults(run=main)
+
+
+def _start(args: argparse.Namespace) -> jax.sharding.Mesh:
+    """Joins the other processes when asked; returns this process's sampling mesh."""
+    parallel.initialize_distributed(
+        {
+            "enabled": args.distributed,
+            "coordinator_address": args.coordinator_address,
+            "num_processes": args.num_processes,
+            "process_id": args.process_id,
+        }
+    )
+    return parallel.local_mesh(args.rollout_tensor)
 
 
 def main(args: argparse.Namespace) -> dict:
     if not args.suite and not args.bfcl:
         raise EvalError("nothing to evaluate: give --suite and/or --bfcl")
-    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-    config, params = load_hf_checkpoint(args.checkpoint)
-    sampler = Sampler(params, config)
+    mesh = _start(args)
+    tokenizer = load_checked_tokenizer(args.tokenizer, args.checkpoint)
+    config, params = load_hf_checkpoint(args.checkpoint, mesh=mesh)
+    sampler = Sampler(params, config, mesh=mesh)
     loop_config = LoopConfig(
         group_size=1,
         mode="live",
@@ -64,18 +96,24 @@ def main(args: argparse.Namespace) -> dict:
         max_len=args.max_len,
     )
     loop = CacheAgentLoop(sampler, tokenizer, None, loop_config)
+    # Every process evaluates its share; all of them get every result; process 0 writes.
+    writer = jax.process_index() == 0
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    if writer:
+        output.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
     if args.suite:
         tasks = generate_tasks(args.suite, args.n, args.seed)
         metrics, results = evaluate(loop, tasks, RewardConfig(), seed=args.seed)
-        (output / "suite.json").write_text(
-            json.dumps({"metrics": metrics, "results": [r.to_dict() for r in results]}, indent=1)
-        )
         lines = ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
-        (output / "suite.md").write_text("\n".join(lines) + "\n")
+        if writer:
+            (output / "suite.json").write_text(
+                json.dumps(
+                    {"metrics": metrics, "results": [r.to_dict() for r in results]}, indent=1
+                )
+            )
+            (output / "suite.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         summary["suite"] = metrics
     if args.bfcl:
@@ -84,12 +122,15 @@ def main(args: argparse.Namespace) -> dict:
             entries = bfcl_scoring.load_category(category)
             if args.limit:
                 entries = entries[: args.limit]
+            own = parallel.process_share(entries, even=False)
             if category in bfcl_scoring.SINGLE_TURN_CATEGORIES:
-                verdicts += _single_turn(category, entries, sampler, tokenizer, args)
+                own_verdicts = _single_turn(category, own, sampler, tokenizer, args)
             else:
-                verdicts += _multi_turn(category, entries, loop)
+                own_verdicts = _multi_turn(category, own, loop)
+            verdicts += [v for part in parallel.allgather_objects(own_verdicts) for v in part]
         results = report.summarize(verdicts)
-        report.write_report(results, output, stem="bfcl", title="BFCL v4")
+        if writer:
+            report.write_report(results, output, stem="bfcl", title="BFCL v4")
         print(report.render_markdown(results, title="BFCL v4"))
         summary["bfcl"] = report.to_json(results)
     return summary

@@ -33,11 +33,11 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, float], list[TaskResult]]:
     """Loads an HF checkpoint (and its tokenizer) and evaluates it greedily with live tools."""
     from cacherl_jax.agent.loop import LoopConfig
-    from cacherl_jax.chat import load_tokenizer
+    from cacherl_jax.chat.template_check import load_checked_tokenizer
     from cacherl_jax.model import load_hf_checkpoint
     from cacherl_jax.sampling import Sampler
 
-    tokenizer = load_tokenizer(tokenizer_spec or checkpoint)
+    tokenizer = load_checked_tokenizer(tokenizer_spec, checkpoint)
     config, params = load_hf_checkpoint(checkpoint)
     loop_config = loop_config or LoopConfig(group_size=1, mode="live", temperature=0.0)
     loop = CacheAgentLoop(Sampler(params, config), tokenizer, cache, loop_config)

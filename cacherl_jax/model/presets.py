@@ -27,6 +27,10 @@ PRESETS: dict[str, Qwen3Config] = {
         vocab_size=_QWEN3_VOCAB, hidden_size=2560, intermediate_size=9728, num_layers=36,
         num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=True,
     ),
+    "qwen3_8b": Qwen3Config(
+        vocab_size=_QWEN3_VOCAB, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+    ),
 }  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cacherl_jax import parallel
 from cacherl_jax.agent.environment import Task
 from cacherl_jax.agent.loop import CacheAgentLoop, Rollout
 from cacherl_jax.rl.rewards import (
@@ -91,9 +92,15 @@ def evaluate(
     seed: int = 0,
     batch_tasks: int = 64,
 ) -> tuple[dict[str, float], list[TaskResult]]:
-    """Runs the loop over the tasks (in batches of `batch_tasks` tasks) and scores every rollout."""
+    """Runs the loop over the tasks (in batches of `batch_tasks` tasks) and scores every rollout.
+
+    With several processes each runs its own contiguous block of the tasks; every process
+    returns the results of all of them, in task order.
+    """
+    own = parallel.process_share(list(tasks), even=False)
     results: list[TaskResult] = []
-    for start in range(0, len(tasks), batch_tasks):
-        chunk = tasks[start : start + batch_tasks]
+    for start in range(0, len(own), batch_tasks):
+        chunk = own[start : start + batch_tasks]
         results.extend(score_rollouts(chunk, loop.run(chunk, seed=seed), reward_config))
+    results = [r for part in parallel.allgather_objects(results) for r in part]
     return summarize_results(results), results

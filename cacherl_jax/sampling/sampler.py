@@ -25,10 +25,17 @@ temperature-1 log-probability instead. `raw_logprobs` is always the temperature-
 log-probability of the token, i.e. what the training forward pass computes.
 
 The model runs through `kv_cache.extend`, i.e. the model's own layer code, on the parameter
-tree as it is (cast once to the compute dtype). With a mesh, the batch is split over all of its
-devices and the weights are replicated: decoding streams every weight once per step, so data
-parallelism without per-step communication is the fast layout for models whose weights fit on
-one device.
+tree as it is (cast once to the compute dtype).
+
+Meshes. A sampler runs on one process's own devices (`parallel.local_mesh`): every host of a
+multi-host run samples its own rows with no cross-host collective while decoding, so hosts whose
+rows take different numbers of turns never wait for each other. The batch is split over the
+mesh's axes other than `tensor`; the weights are split over `tensor` along heads and MLP columns
+(Megatron style) and the KV cache along KV heads, so a model larger than one device fits, and
+replicated over the rest: decoding streams every weight once per step, so data parallelism
+without per-step communication is the fast layout for what fits on one device. `set_params`
+moves weights from any training layout (e.g. FSDP over every process's devices) to this one in
+one jitted reshard, device to device (`parallel.local_copy_fn`).
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cacherl_jax import parallel
 from cacherl_jax.model import qwen3
 from cacherl_jax.model.config import Qwen3Config
-from cacherl_jax.model.params import Params
+from cacherl_jax.model.params import Params, logical_axes, param_shapes
 from cacherl_jax.sampling import kv_cache
 from cacherl_jax.sampling.kv_cache import KVCache
 
@@ -354,21 +362,133 @@ _run = jax.jit(
 )
 
 
-@functools.cache
-def _prepare_fn(config: Qwen3Config, sharding: NamedSharding | None):
-    """The parameters in the compute dtype (once, not per step), replicated over the mesh."""
+# Rollout weights: split over `tensor` only (heads, MLP columns, vocabulary), never over the batch
+# axes, which hold the rows.
+ROLLOUT_RULES: parallel.Rules = tuple(
+    (name, "tensor" if name in ("vocab", "q_heads", "kv_heads", "mlp") else None)
+    for name, _ in parallel.DEFAULT_RULES
+)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the rows are split over: all but `tensor`."""
+    return tuple(a for a in mesh.axis_names if a != "tensor")
+
+
+def param_specs(config: Qwen3Config, mesh: Mesh) -> Params:
+    """The rollout layout's PartitionSpec of every parameter."""
+    return jax.tree.map(
+        lambda axes: parallel.logical_to_spec(axes, ROLLOUT_RULES, mesh),
+        logical_axes(config),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def cache_shardings(config: Qwen3Config, mesh: Mesh) -> KVCache:
+    """Rows over the batch axes, keys and values also over `tensor` along KV heads."""
+    tensor = mesh.shape.get("tensor", 1)
+    if config.num_kv_heads % tensor:
+        raise parallel.ShardingError(
+            f"rollout tensor={tensor} must divide the model's {config.num_kv_heads} KV heads"
+        )
+    rows = batch_axes(mesh)
+    heads = "tensor" if "tensor" in mesh.shape else None
+    layers_rows_heads = NamedSharding(mesh, PartitionSpec(None, rows, heads))  # [L, B, K, ...]
+    return KVCache(
+        k=layers_rows_heads,
+        v=layers_rows_heads,
+        valid_BxS=NamedSharding(mesh, PartitionSpec(rows)),
+        length=NamedSharding(mesh, PartitionSpec()),
+        next_position_B=NamedSharding(mesh, PartitionSpec(rows)),
+    )
+
+
+def _cast_fn(config: Qwen3Config):
     dtype = qwen3.compute_dtype(config)
+    return lambda params: jax.tree.map(lambda w: w.astype(dtype), params)
+
+
+@functools.cache
+def _prepare_fn(config: Qwen3Config, mesh: Mesh | None):
+    """The parameters in the compute dtype (once, not per step), in the rollout layout: one
+    program on this process's devices, or, for parameters that span other processes' devices
+    too (a multi-host training layout), the move of `parallel.local_copy_fn`."""
+    if mesh is None:
+        return jax.jit(_cast_fn(config))
+    specs = param_specs(config, mesh)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    cast = jax.jit(_cast_fn(config))  # in the source layout: the reshard moves half the bytes
+    across_processes = functools.cache(
+        lambda: parallel.local_copy_fn(specs, mesh, transform=_cast_fn(config))
+    )
 
     def prepare(params: Params) -> Params:
-        return jax.tree.map(lambda w: w.astype(dtype), params)
+        if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+            return jax.device_put(cast(params), shardings)  # device to device
+        return across_processes()(params)
 
-    return jax.jit(prepare, out_shardings=sharding)
+    return prepare
+
+
+def lower_generate(
+    config: Qwen3Config,
+    mesh: Mesh,
+    *,
+    batch: int,
+    max_len: int,
+    prompt_len: int,
+    num_out: int,
+) -> jax.stages.Lowered:
+    """The sampler's program (prefill of a `prompt_len` chunk, then up to `num_out` decode steps)
+    lowered on abstract inputs in the rollout layout over `mesh`: `cacherl plan` compiles it for
+    a target's devices without allocating anything."""
+
+    def abstract(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    specs = param_specs(config, mesh)
+    params = jax.tree.map(
+        lambda s, spec: abstract(s.shape, s.dtype, NamedSharding(mesh, spec)),
+        param_shapes(config, qwen3.compute_dtype(config)),
+        specs,
+    )
+    cache_shapes = jax.eval_shape(kv_cache.init_cache, config, batch, max_len)
+    cache = jax.tree.map(
+        lambda s, sh: abstract(s.shape, s.dtype, sh),
+        cache_shapes,
+        cache_shardings(config, mesh),
+    )
+    rows_sharding = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+    pieces = NamedSharding(mesh, PartitionSpec(None, batch_axes(mesh)))
+    row = functools.partial(abstract, (batch,), sharding=rows_sharding)
+    rows = _RowArrays(
+        seeds_B=row(dtype=jnp.uint32),
+        temperature_B=row(dtype=jnp.float32),
+        top_k_B=row(dtype=jnp.int32),
+        top_p_B=row(dtype=jnp.float32),
+        max_new_B=row(dtype=jnp.int32),
+        stop_ids_BxS=abstract((batch, 4), jnp.int32, rows_sharding),
+        active_B=row(dtype=jnp.bool_),
+    )
+    return _run.lower(
+        params,
+        cache,
+        abstract((1, batch, prompt_len), jnp.int32, pieces),
+        abstract((1, batch, prompt_len), jnp.bool_, pieces),
+        rows,
+        config=config,
+        num_out=num_out,
+        top_k_cap=0,
+        use_top_p=False,
+        prefill_window=prompt_len,
+    )
 
 
 class Sampler:
     """Generates from a Qwen3 with a KV cache; see the module docstring.
 
-    `params`/`config`: the model (any sharding). `mesh`: split the batch over its devices.
+    `params`/`config`: the model (any sharding). `mesh`: this process's devices to sample on
+    (`parallel.local_mesh`): rows over its non-`tensor` axes, weights over `tensor`.
     `min_prompt_bucket`: smallest prompt-chunk length compiled for.
     """
 
@@ -383,11 +503,11 @@ class Sampler:
         self.config = config
         self.mesh = mesh
         self.min_prompt_bucket = min_prompt_bucket
-        replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-        self._prepare = _prepare_fn(config, replicated)
+        cache_sharding = None if mesh is None else cache_shardings(config, mesh)
+        self._prepare = _prepare_fn(config, mesh)
         self.params = self._prepare(params)
         self._init_cache = jax.jit(
-            kv_cache.init_cache, static_argnums=(0, 1, 2), out_shardings=self._cache_sharding()
+            kv_cache.init_cache, static_argnums=(0, 1, 2), out_shardings=cache_sharding
         )
 
     # --- public API ---------------------------------------------------------------------------
@@ -528,38 +648,28 @@ class Sampler:
                 raise ValueError(f"row {row}: stop token {bad[0]} outside the vocabulary")
         return sampling
 
-    def _devices(self) -> int:
-        return 1 if self.mesh is None else self.mesh.size
+    def _batch_shards(self) -> int:
+        if self.mesh is None:
+            return 1
+        return math.prod(self.mesh.shape[a] for a in batch_axes(self.mesh))
 
     def _batch_bucket(self, n: int) -> int:
         b = bucket(n, 1)
-        return -(-b // self._devices()) * self._devices()
+        return -(-b // self._batch_shards()) * self._batch_shards()
 
     def _batch_sharding(self, leading: int = 0):
-        """Batch axis (after `leading` axes) over every mesh axis; None without a mesh."""
+        """Batch axis (after `leading` axes) over the batch axes; None without a mesh."""
         if self.mesh is None:
             return None
-        return NamedSharding(self.mesh, PartitionSpec(*([None] * leading), self.mesh.axis_names))
-
-    def _cache_sharding(self) -> KVCache | None:
-        if self.mesh is None:
-            return None
-        rows = self._batch_sharding()
-        layers_rows = self._batch_sharding(leading=1)  # [L, B, ...]
-        return KVCache(
-            k=layers_rows,
-            v=layers_rows,
-            valid_BxS=rows,
-            length=NamedSharding(self.mesh, PartitionSpec()),
-            next_position_B=rows,
-        )
+        spec = PartitionSpec(*([None] * leading), batch_axes(self.mesh))
+        return NamedSharding(self.mesh, spec)
 
     def _put(self, x: np.ndarray, sharding) -> jax.Array:
         return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
 
     def _prefill_piece(self, batch: int, chunk: int, size: int) -> int:
         """Largest power-of-two divisor of `chunk` whose attention logits stay bounded."""
-        per_row = batch // self._devices() * self.config.num_heads * size
+        per_row = batch // self._batch_shards() * self.config.num_heads * size
         piece = chunk
         while piece > 16 and piece % 2 == 0 and piece * per_row > _PREFILL_PIECE_ELEMENTS:
             piece //= 2

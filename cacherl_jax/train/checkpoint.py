@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from cacherl_jax import fs
 from cacherl_jax.train.errors import CheckpointMismatchError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class Checkpoints:
         keep: int = 2,
         async_save: bool = True,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = fs.workdir_path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalised: tuples -> lists
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

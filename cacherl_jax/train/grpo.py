@@ -8,7 +8,17 @@ reference policy for the KL term is the starting checkpoint (frozen), or the LoR
 
 Metrics per step (metrics.jsonl + TensorBoard): reward and its components overall and by tier,
 tier hit counts, KL, clip fraction, entropy, sampler/trainer log-prob gap, response length, tool
-calls per rollout, and seconds per phase (sampling, tools, reward, reference, update).
+calls per rollout, and seconds per phase (weight move, sampling, tools, reward, reference,
+update).
+
+Many processes. Each process samples on its own devices (`parallel.local_mesh`), with no
+cross-host collective while decoding, and owns a contiguous block of the step's tasks with all G
+rollouts of each, so group advantages need nothing from other hosts. The update assembles the
+global batch from every process's rows (`jax.make_array_from_process_local_data`: each process
+holds the rows of its devices' batch shards, and rows are padded to `loop.max_len`, so shapes
+agree). Scores and loop counts are gathered so every process logs the same metrics; only
+process 0 writes files. The task order is the same for any number of processes, so N processes
+train what one does.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import shutil
 import time
@@ -29,11 +40,12 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cacherl_jax import parallel
+from cacherl_jax import fs, parallel
 from cacherl_jax.agent.environment import Task
 from cacherl_jax.agent.loop import CacheAgentLoop, Rollout
 from cacherl_jax.agent.tool_cache import ToolCache
-from cacherl_jax.chat import Tokenizer, load_tokenizer
+from cacherl_jax.chat import Tokenizer
+from cacherl_jax.chat.template_check import copy_chat_template, load_checked_tokenizer
 from cacherl_jax.model import Qwen3Config, load_hf_checkpoint, save_hf_checkpoint
 from cacherl_jax.model import lora as lora_lib
 from cacherl_jax.rl.grpo import group_advantages
@@ -51,7 +63,8 @@ from cacherl_jax.train.grpo_step import (
 )
 from cacherl_jax.train.metrics import MetricsWriter
 from cacherl_jax.train.optimizer import make_optimizer
-from cacherl_jax.train.rollout_setup import load_tasks, loop_config, open_cache
+from cacherl_jax.train.preemption import Preemption
+from cacherl_jax.train.rollout_setup import CacheSync, load_tasks, loop_config, open_cache
 from cacherl_jax.train.step import batch_shards, init_train_state
 
 log = logging.getLogger(__name__)
@@ -110,12 +123,14 @@ class _Run:
     """What a GRPO run holds from step to step; `state` is replaced by every update."""
 
     config: ml_collections.ConfigDict
+    workdir: Path
     tokenizer: Tokenizer
     policy: _Policy
     train_tasks: list[Task]
     eval_tasks: list[Task]
     rows: int  # rollouts per step: tasks_per_step x group_size
     cache: ToolCache
+    cache_sync: CacheSync
     reward_config: RewardConfig
     state: Any
     checkpoints: checkpoint_lib.Checkpoints
@@ -123,6 +138,8 @@ class _Run:
     update: Callable
     logprobs_fn: Callable
     merge: Callable  # (trainable, base) -> the full parameters
+    batch_shardings: dict[str, Any]
+    select_rows: Callable  # (batch, row indices) -> a minibatch, sharded as the batch
     sampler: Sampler
     train_loop: CacheAgentLoop
     eval_loop: CacheAgentLoop
@@ -148,8 +165,13 @@ def _open_workdir(
         raise TrainingError(
             "config.model.checkpoint is empty: give an HF checkpoint directory (e.g. an SFT run's hf/)"
         )
-    parallel.initialize_distributed(config.distributed)
-    mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
+    mesh = parallel.start(config, devices)
+    if config.grpo.tasks_per_step % jax.process_count():
+        raise TrainingError(
+            f"grpo.tasks_per_step={config.grpo.tasks_per_step} does not split over "
+            f"{jax.process_count()} processes (each samples whole groups of its own tasks); "
+            f"use a multiple of {jax.process_count()}"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -230,25 +252,30 @@ def _compile_update(
         aggregation=config.grpo.aggregation,
         entropy=config.grpo.entropy,
     )
-    batch_sharding = parallel.batch_sharding(mesh)
-    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-    batch_shardings["adv_B"] = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0])
-    )
+    batch_shardings = _batch_shardings(mesh)
     base_shardings = (
         None if policy.base is None else jax.tree.map(lambda x: x.sharding, policy.base)
     )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         make_grpo_step(step_config, tx, schedule),
         in_shardings=(state_shardings, base_shardings, batch_shardings),
-        out_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, replicated),  # metrics: readable on every process
         donate_argnums=0,
     )
 
 
+def _batch_shardings(mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
+    """Rows over the batch axes; token arrays [B, T], advantages [B]."""
+    rows = parallel.batch_sharding(mesh)
+    shardings = {k: rows for k in BATCH_KEYS}
+    shardings["adv_B"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows.spec[0]))
+    return shardings
+
+
 def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.Mesh) -> _Run:
     """Loads the model, tasks and cache, restores the latest checkpoint, compiles the update."""
-    tokenizer = load_tokenizer(config.tokenizer.spec or config.model.checkpoint)
+    tokenizer = load_checked_tokenizer(config.tokenizer.spec, config.model.checkpoint)
     model, params = _load_model(config, mesh)
     train_tasks, eval_tasks, rows = _load_task_splits(config, mesh)
     cache = open_cache(config, workdir)
@@ -269,15 +296,19 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
         log.info("resumed from step %d", start_step)
 
     merge = _merge_fn(policy.lora)
-    sampler = Sampler(merge(state["trainable"], policy.base), model, mesh=mesh)
+    rollout_mesh = parallel.local_mesh(config.rollout.tensor)
+    sampler = Sampler(merge(state["trainable"], policy.base), model, mesh=rollout_mesh)
+    batch_shardings = _batch_shardings(mesh)
     return _Run(
         config=config,
+        workdir=workdir,
         tokenizer=tokenizer,
         policy=policy,
         train_tasks=train_tasks,
         eval_tasks=eval_tasks,
         rows=rows,
         cache=cache,
+        cache_sync=CacheSync(config, cache, workdir),
         reward_config=RewardConfig.from_config(config.reward),
         state=state,
         checkpoints=checkpoints,
@@ -287,6 +318,11 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
             functools.partial(target_logprobs, model=model, chunk_size=config.grpo.loss_chunk_size)
         ),
         merge=merge,
+        batch_shardings=batch_shardings,
+        select_rows=jax.jit(
+            lambda batch, rows: {k: v[rows] for k, v in batch.items()},
+            out_shardings=batch_shardings,
+        ),
         sampler=sampler,
         train_loop=CacheAgentLoop(sampler, tokenizer, cache, loop_config(config)),
         eval_loop=CacheAgentLoop(sampler, tokenizer, cache, loop_config(config, evaluation=True)),
@@ -305,27 +341,68 @@ def _timed(timing: dict[str, float], key: str) -> Iterator[None]:
 
 
 def _train_step(run: _Run, step: int) -> dict[str, float]:
-    """Samples the step's rollouts, scores them, and updates on them; returns the step's metrics."""
+    """Samples the step's rollouts, scores them, and updates on them; returns the step's metrics
+    (the same on every process)."""
     config = run.config
-    run.refresh_sampler()
-    tasks = step_tasks(run.train_tasks, step, config.grpo.tasks_per_step, config.seed)
+    timing: dict[str, float] = {}
+    with _timed(timing, "time/weight_move_s"):
+        run.refresh_sampler()
+    step_tasks_all = step_tasks(run.train_tasks, step, config.grpo.tasks_per_step, config.seed)
+    tasks = parallel.process_share(step_tasks_all, "tasks of a step")
     rollouts = run.train_loop.run(tasks, seed=config.seed * 1_000_003 + step)
-    timing = {f"time/{k}": v for k, v in run.train_loop.metrics.items() if k.endswith("_s")}
+    run.cache_sync.after_step(step)
+    timing.update({f"time/{k}": v for k, v in run.train_loop.metrics.items() if k.endswith("_s")})
     with _timed(timing, "time/reward_s"):
         results = score_rollouts(tasks, rollouts, run.reward_config)
         adv_NxG, keep_NxG = _advantages(config, results, len(tasks))
     batch = _batch(rollouts, adv_NxG.reshape(-1), keep_NxG.reshape(-1), config, run.tokenizer)
     with _timed(timing, "time/reference_s"):
-        device_batch = _with_reference_logprobs(run, batch)
+        device_batch = _with_reference_logprobs(run, _global_batch(run, batch))
     with _timed(timing, "time/update_s"):
         fetched = _minibatch_updates(run, device_batch, step)
     metrics = _update_metrics(run, fetched, step)
-    metrics.update(_rollout_metrics(run, results))
+    everyone = parallel.allgather_objects(
+        (results, run.train_loop.metrics, keep_NxG[:, 0], _rollout_records(rollouts, results))
+    )
+    if config.train.save_rollouts and jax.process_index() == 0:
+        _save_rollouts(run.workdir, step + 1, [rec for part in everyone for rec in part[3]])
+    all_results = [r for part in everyone for r in part[0]]
+    metrics.update(_rollout_metrics(all_results, [part[1] for part in everyone]))
     metrics.update(timing)
-    metrics["groups_kept"] = float(keep_NxG[:, 0].sum())
-    metrics["response_tokens"] = float(np.mean([r.num_generated for r in rollouts]))
-    metrics["success_rate"] = float(np.mean([r.success for r in results]))
+    metrics["groups_kept"] = float(sum(part[2].sum() for part in everyone))
+    metrics["response_tokens"] = float(np.mean([r.generated_tokens for r in all_results]))
+    metrics["success_rate"] = float(np.mean([r.success for r in all_results]))
     return metrics
+
+
+def _rollout_records(rollouts: list[Rollout], results: list[TaskResult]) -> list[dict]:
+    return [
+        {
+            "task_id": rollout.task_id,
+            "sample": rollout.sample,
+            "token_ids": rollout.token_ids.tolist(),
+            "loss_mask": rollout.loss_mask.tolist(),
+            "tiers": [call.tier for call in rollout.calls],
+            "stop_reason": rollout.stop_reason,
+            "reward": result.reward.to_dict(),
+        }
+        for rollout, result in zip(rollouts, results, strict=True)
+    ]
+
+
+def _save_rollouts(workdir: Path, step: int, records: list[dict]) -> None:
+    directory = workdir / "rollouts"
+    directory.mkdir(exist_ok=True)
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    (directory / f"step_{step}.jsonl").write_text(lines)
+
+
+def _global_batch(run: _Run, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows as its part of the step's global batch (one process: all rows)."""
+    return {
+        key: jax.make_array_from_process_local_data(run.batch_shardings[key], value)
+        for key, value in batch.items()
+    }
 
 
 def _advantages(
@@ -341,11 +418,11 @@ def _advantages(
     )
 
 
-def _with_reference_logprobs(run: _Run, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """The batch on device, with the old policy's log-probs recomputed (`grpo.old_logp`) and
-    the reference's for the KL term (zeros without one)."""
+def _with_reference_logprobs(run: _Run, device_batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch with the old policy's log-probs recomputed (`grpo.old_logp`) and the
+    reference's for the KL term (zeros without one)."""
     config = run.config
-    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    device_batch = dict(device_batch)
     if config.grpo.old_logp == "recompute":
         device_batch["old_logp_BxT"] = jnp.where(
             device_batch["loss_mask_BxT"] > 0,
@@ -368,7 +445,7 @@ def _minibatch_updates(
     order = np.random.default_rng([run.config.seed, step, 1]).permutation(run.rows)
     update_metrics = []
     for part in np.array_split(order, run.config.grpo.minibatches):
-        mini = {k: v[part] for k, v in device_batch.items()}
+        mini = run.select_rows(device_batch, part)
         run.state, metrics = run.update(run.state, run.policy.base, mini)
         update_metrics.append(metrics)
     return jax.device_get(update_metrics)
@@ -386,12 +463,17 @@ def _update_metrics(run: _Run, fetched: list[dict[str, Any]], step: int) -> dict
     return metrics
 
 
-def _rollout_metrics(run: _Run, results: list[TaskResult]) -> dict[str, float]:
-    """The reward and its parts (overall and by tier), and the loop's counts."""
+def _rollout_metrics(
+    results: list[TaskResult], loop_metrics: list[dict[str, float]]
+) -> dict[str, float]:
+    """The reward and its parts (overall and by tier) over every process's rollouts, and the
+    loops' counts: summed, except rounds (the most any process took) and per-rollout means."""
     metrics = summarize([r.reward for r in results])
-    metrics.update(
-        {f"loop/{k}": v for k, v in run.train_loop.metrics.items() if not k.endswith("_s")}
-    )
+    counts = [{k: v for k, v in m.items() if not k.endswith("_s")} for m in loop_metrics]
+    total = {k: float(sum(m[k] for m in counts)) for k in counts[0]}
+    total["rounds"] = max(m["rounds"] for m in counts)
+    total["calls_per_rollout"] = float(np.mean([r.calls for r in results]))
+    metrics.update({f"loop/{k}": v for k, v in total.items()})
     return metrics
 
 
@@ -417,25 +499,31 @@ def train(
     devices: list[jax.Device] | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) GRPO in `workdir`; returns a summary with eval before/after."""
-    workdir = Path(workdir).absolute()
+    workdir = fs.workdir_path(workdir)
     mesh = _open_workdir(config, workdir, devices)
     run = _start(config, workdir, mesh)
     summary: dict[str, Any] = {"resumed_from": run.start_step}
     try:
         if run.start_step == 0:
             summary["eval_before"] = _evaluate(run, 0)
-        last = _train_steps(run, summary, progress)
+        with Preemption() as preemption:
+            last = _train_steps(run, summary, progress, preemption)
     finally:
         run.close()
     summary.update(steps=config.train.steps, **last)
+    if summary.get("preempted_at"):
+        return summary
     if config.train.export_hf:
         summary["export"] = _export(run, workdir)
     return summary
 
 
-def _train_steps(run: _Run, summary: dict[str, Any], progress: bool) -> dict[str, float]:
+def _train_steps(
+    run: _Run, summary: dict[str, Any], progress: bool, preemption: Preemption
+) -> dict[str, float]:
     """Steps from the resumed one to `train.steps`, logging, checkpointing and evaluating on the
-    way (the latest evaluation lands in `summary["eval_after"]`); the last step's metrics."""
+    way (the latest evaluation lands in `summary["eval_after"]`); the last step's metrics. On a
+    SIGTERM (any process's) it saves the step reached and stops (`summary["preempted_at"]`)."""
     config, steps = run.config, run.config.train.steps
     bar = tqdm(total=steps, initial=run.start_step, desc="grpo", unit="step",
                disable=not progress or jax.process_index())  # fmt: skip
@@ -448,8 +536,14 @@ def _train_steps(run: _Run, summary: dict[str, Any], progress: bool) -> dict[str
                 run.writer.write(done, last)
             bar.set_postfix(reward=f"{last['reward/total']:.3f}", kl=f"{last['kl_ref']:.4f}")
             bar.update()
-            if done % config.train.checkpoint_every == 0 or is_last:
+            preempted = preemption.requested()
+            if done % config.train.checkpoint_every == 0 or is_last or preempted:
                 run.checkpoints.save(done, run.state, {"step": done})
+                run.cache_sync.publish()
+            if preempted and not is_last:
+                log.warning("preempted: saved step %d, exiting; rerun the command to resume", done)
+                summary["preempted_at"] = done
+                break
             every = config.train.eval_every
             if is_last or (every and done % every == 0):
                 summary["eval_after"] = _evaluate(run, done)
@@ -462,14 +556,16 @@ def _export(run: _Run, workdir: Path) -> str:
     """The trained model (adapters merged) as an HF checkpoint in `workdir/hf`, with the
     tokenizer when there is a tokenizer.json to copy."""
     config = run.config
-    export_dir = workdir / "hf"
-    if export_dir.exists() and jax.process_index() == 0:
-        shutil.rmtree(export_dir)
-    save_hf_checkpoint(run.policy.model, run.params(), export_dir)
-    tokenizer_file = Path(config.tokenizer.spec or config.model.checkpoint) / "tokenizer.json"
-    if tokenizer_file.exists() and jax.process_index() == 0:
-        shutil.copy(tokenizer_file, export_dir / "tokenizer.json")
-    return str(export_dir)
+    with fs.local_directory(workdir / "hf") as export_dir:
+        if export_dir.exists() and jax.process_index() == 0:
+            shutil.rmtree(export_dir)
+        save_hf_checkpoint(run.policy.model, run.params(), export_dir)
+        tokenizer_file = Path(config.tokenizer.spec or config.model.checkpoint) / "tokenizer.json"
+        if tokenizer_file.exists() and jax.process_index() == 0:
+            shutil.copy(tokenizer_file, export_dir / "tokenizer.json")
+        if jax.process_index() == 0:  # the exported checkpoint keeps its chat variant
+            copy_chat_template(config.model.checkpoint, export_dir)
+    return str(workdir / "hf")
 
 
 def _batch(

@@ -55,11 +55,12 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cacherl_jax import parallel
+from cacherl_jax import fs, parallel
 from cacherl_jax.agent.environment import Task
 from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, PromptTooLongError, Rollout
 from cacherl_jax.agent.tool_cache import ToolCache
-from cacherl_jax.chat import Tokenizer, load_tokenizer
+from cacherl_jax.chat import Tokenizer
+from cacherl_jax.chat.template_check import load_checked_tokenizer
 from cacherl_jax.chat.trajectory import Trajectory, write_jsonl
 from cacherl_jax.model import load_hf_checkpoint
 from cacherl_jax.rl.rewards import RewardConfig
@@ -95,15 +96,16 @@ class _Policy:
 class _Models:
     """Holds the one model loaded for sampling and evaluation; released before SFT trains."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh):
-        self.config, self.mesh = config, mesh
+    def __init__(self, config: ml_collections.ConfigDict):
+        # Each process samples on its own devices (see grpo.py, "Many processes").
+        self.config, self.mesh = config, parallel.local_mesh(config.rollout.tensor)
         self.policy: _Policy | None = None
 
     def get(self, checkpoint: str) -> _Policy:
         if self.policy is None or self.policy.checkpoint != checkpoint:
             self.release()
             config = self.config
-            tokenizer = load_tokenizer(config.tokenizer.spec or checkpoint)
+            tokenizer = load_checked_tokenizer(config.tokenizer.spec, checkpoint)
             model, params = load_hf_checkpoint(
                 checkpoint,
                 mesh=self.mesh,
@@ -276,6 +278,19 @@ class _RoundSampling:
             for i in kept
         )
 
+    def gather(self) -> None:
+        """Every process's records and counts, in process (= task) order, on every process."""
+        fields = ("records", "rewards", "successes", "mismatches", "counts", "tiers", "timing")
+        parts = parallel.allgather_objects([getattr(self, name) for name in fields])
+        for index, name in enumerate(fields[:4]):
+            setattr(self, name, [x for part in parts for x in part[index]])
+        self.counts, self.tiers = (
+            sum((p[4] for p in parts), Counter()),
+            sum((p[5] for p in parts), Counter()),
+        )
+        # Seconds: the slowest process's, as the round waits for it.
+        self.timing = Counter({k: max(p[6].get(k, 0.0) for p in parts) for k in parts[0][6]})
+
     def stats(self) -> dict[str, float]:
         counts, sampled = self.counts, max(self.counts["sampled"], 1)
         checked = counts["roundtrip"] + counts["not_roundtrip"]
@@ -306,17 +321,19 @@ def _sample_round(
     """Samples every task in batches of `rft.batch_tasks` tasks and keeps what passes `select`;
     returns the records and the round's sampling statistics."""
     sampling = _RoundSampling(policy, cache, tasks, config, round_index)
-    bar = tqdm(total=len(tasks), desc=f"rft round {round_index}: sampling", unit="task",
+    own = parallel.process_share(tasks, even=False)  # each process samples its block of tasks
+    bar = tqdm(total=len(own), desc=f"rft round {round_index}: sampling", unit="task",
                disable=not progress or jax.process_index())  # fmt: skip
     try:
-        for start in range(0, len(tasks), config.rft.batch_tasks):
-            chunk = tasks[start : start + config.rft.batch_tasks]
+        for start in range(0, len(own), config.rft.batch_tasks):
+            chunk = own[start : start + config.rft.batch_tasks]
             sampling.sample(chunk)
             bar.update(len(chunk))
             accepted, reward = sampling.counts["accepted"], np.mean(sampling.rewards)
             bar.set_postfix(accepted=accepted, reward=f"{reward:.3f}")
     finally:
         bar.close()
+    sampling.gather()
     for example in sampling.mismatches:
         log.info("rft round %d: not round-tripping: %s", round_index, example)
     return sampling.records, sampling.stats()
@@ -342,6 +359,8 @@ def sft_config_for_round(
     """The embedded SFT config, starting from the current model with its tokenizer."""
     sft_config = config.sft.copy_and_resolve_references()
     sft_config.mesh = config.mesh.to_dict()
+    sft_config.dcn_mesh = config.dcn_mesh.to_dict()
+    sft_config.runtime = config.runtime.to_dict()
     sft_config.distributed = config.distributed.to_dict()
     sft_config.model.checkpoint = checkpoint
     sft_config.tokenizer.spec = tokenizer_spec
@@ -418,11 +437,20 @@ def _sample_or_reuse(
     start = time.perf_counter()
     records, stats = _sample_round(policy, cache, context.tasks, config, k, context.progress)
     timing["time/sampling_round_s"] = time.perf_counter() - start
-    write_jsonl(accepted_path, records)
+    if jax.process_index() == 0:
+        write_jsonl(accepted_path, records)
     sampling = {"fingerprint": fingerprint, "stats": stats, "eval_before": eval_before}
     sampling["timing"] = timing
     _write_json(sampling_path, sampling)
     return sampling
+
+
+class _Preempted(Exception):
+    """A SIGTERM stopped the round's SFT after saving a checkpoint."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
 
 
 def _fine_tune(
@@ -437,14 +465,19 @@ def _fine_tune(
     """Merges the data and runs (or resumes) the round's SFT; returns its summary and counts."""
     accepted = [round_dir.parent / f"round_{j}" / "accepted.jsonl" for j in range(k + 1)]
     train_path = round_dir / "train.jsonl"
-    merged = merge_data(
-        base_paths, accepted if config.rft.accumulate else accepted[-1:], train_path
-    )
+    merged = None
+    if jax.process_index() == 0:  # one writer; the others read it after the barrier
+        merged = merge_data(
+            base_paths, accepted if config.rft.accumulate else accepted[-1:], train_path
+        )
+    merged = parallel.allgather_objects(merged)[0]
     tokenizer_spec = config.tokenizer.spec or checkpoint
     sft_config = sft_config_for_round(config, checkpoint, tokenizer_spec, train_path)
     start = time.perf_counter()
     summary = sft.train(sft_config, round_dir / "sft", progress=progress, devices=devices)
     seconds = time.perf_counter() - start
+    if summary.get("preempted_at"):
+        raise _Preempted(f"round {k}, SFT step {summary['preempted_at']}")
     export = summary.get("export")
     if not export:
         raise TrainingError("rft needs each round's model exported: set sft.train.export_hf=True")
@@ -475,9 +508,9 @@ def run(
 ) -> dict[str, Any]:
     """Runs (or resumes) `rft.rounds` rounds in `workdir`; returns the summary (also written to
     `summary.json`)."""
-    workdir = Path(workdir).absolute()
+    workdir = fs.workdir_path(workdir)
     checkpoint, base_paths = _check_inputs(config)
-    mesh = _open_workdir(config, workdir, devices)
+    _open_workdir(config, workdir, devices)
     tasks, eval_tasks, cache = _open_tasks_and_cache(config, workdir, base_paths)
     rounds, checkpoint = _finished_rounds(workdir, config.rft.rounds, checkpoint)
     resumed = len(rounds)
@@ -490,7 +523,7 @@ def run(
         tasks=tasks,
         eval_tasks=eval_tasks,
         cache=cache,
-        models=_Models(config, mesh),
+        models=_Models(config),
         writer=MetricsWriter(workdir, resume_step=resumed, enabled=jax.process_index() == 0),
         devices=devices,
         progress=progress,
@@ -499,6 +532,8 @@ def run(
         for k in range(resumed, config.rft.rounds):
             rounds.append(_run_round(context, k, checkpoint, rounds[-1] if rounds else None))
             checkpoint = rounds[-1]["export"]
+    except _Preempted as stop:  # the round's SFT saved its step; rerunning resumes it
+        return {"rounds": len(rounds), "preempted_at": stop.where}
     finally:
         context.writer.close()
         cache.close()
@@ -528,8 +563,7 @@ def _open_workdir(
     config: ml_collections.ConfigDict, workdir: Path, devices: list[jax.Device] | None
 ) -> jax.sharding.Mesh:
     """Joins the other processes and writes `config.json`; returns the mesh."""
-    parallel.initialize_distributed(config.distributed)
-    mesh = parallel.make_mesh(dict(config.mesh), devices=devices)
+    mesh = parallel.start(config, devices)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")

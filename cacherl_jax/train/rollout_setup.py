@@ -3,12 +3,19 @@ tool cache and the agent loop's settings, each read from the same config blocks.
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
-from cacherl_jax.agent import bfcl
+from cacherl_jax import parallel
+from cacherl_jax.agent import bfcl, tool_cache
 from cacherl_jax.agent.environment import Task
 from cacherl_jax.agent.loop import LoopConfig
 from cacherl_jax.agent.procedural import generate_tasks
@@ -50,8 +57,30 @@ def _tasks_from_jsonl(path: str, n: int) -> list[Task]:
 
 
 def open_cache(config: ml_collections.ConfigDict, workdir: Path) -> ToolCache:
-    """The run's tool cache; `cache.build_from` trajectories are recorded into a new one."""
+    """The run's tool cache; `cache.build_from` trajectories are recorded into a new one.
+
+    With several processes (or `cache.local_dir` set) each process opens its own copy on local
+    disk (SQLite must not sit on a network filesystem): process 0 builds the run's cache first
+    if it is new, then every process snapshots it (`CacheSync` keeps the copies in step).
+    """
     path = config.cache.path or str(workdir / "tool_cache.sqlite")
+    local_dir = config.cache.get("local_dir", "")
+    private = jax.process_count() > 1 or bool(local_dir)
+    if jax.process_index() == 0 or not private:
+        cache = _open(config, path)
+        if private:
+            cache.close()
+    if private:
+        multihost_utils.sync_global_devices("tool cache built")
+        if not local_dir:  # a temporary copy, removed when the process exits
+            local_dir = tempfile.mkdtemp(prefix="cacherl-tool-cache-")
+            atexit.register(shutil.rmtree, local_dir, ignore_errors=True)
+        cache = _open(config, str(tool_cache.snapshot(path, local_dir)))
+        log.info("tool cache: a local copy of %s in %s", path, local_dir)
+    return cache
+
+
+def _open(config: ml_collections.ConfigDict, path: str) -> ToolCache:
     is_new = not Path(path).exists()
     cache = ToolCache(
         ToolCacheConfig(
@@ -66,6 +95,35 @@ def open_cache(config: ml_collections.ConfigDict, workdir: Path) -> ToolCache:
         report = build_from_trajectories(cache, sources, scope_per_trajectory=True)
         log.info("tool cache %s built from %s: %s", path, sources, report)
     return cache
+
+
+class CacheSync:
+    """Hybrid mode on many processes: after each step every process's new entries are exchanged
+    and applied in (step, process, row) order, so every copy holds what one process recording
+    all rows would keep (the first result for a key wins); at a checkpoint process 0 publishes
+    its copy as the run's cache. Nothing to do in the other modes or with a single cache file."""
+
+    def __init__(self, config: ml_collections.ConfigDict, cache: ToolCache, workdir: Path):
+        self.cache = cache
+        self.master = config.cache.path or str(workdir / "tool_cache.sqlite")
+        self.active = config.loop.mode == "hybrid" and Path(cache.config.path) != Path(self.master)
+        self.mark = cache.mark() if self.active else 0
+
+    def after_step(self, step: int) -> None:
+        if not self.active:
+            return
+        own = tool_cache.take_delta(self.cache, self.mark, step=step, process=jax.process_index())
+        payloads = parallel.allgather_objects(json.dumps(tool_cache.delta_to_json(own)))
+        deltas = [tool_cache.delta_from_json(json.loads(p)) for p in payloads]
+        tool_cache.sync(self.cache, self.mark, deltas)
+        self.mark = self.cache.mark()
+
+    def publish(self) -> None:
+        """Process 0 replaces the run's cache by its (merged) copy."""
+        if not self.active or jax.process_index() != 0:
+            return
+        staged = tool_cache.snapshot(self.cache.config.path, Path(self.master).parent / ".staging")
+        staged.replace(self.master)
 
 
 def loop_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) -> LoopConfig:

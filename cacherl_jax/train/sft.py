@@ -488,19 +488,19 @@ def export_hf(
 ) -> Path:
     """`params` as a Hugging Face checkpoint in `workdir/hf` (replacing an earlier export), with
     the run's tokenizer unless that is the built-in "qwen3" vocabulary."""
-    export_dir = workdir / "hf"
-    if export_dir.exists() and jax.process_index() == 0:
-        shutil.rmtree(export_dir)
-    save_hf_checkpoint(model, params, export_dir)
-    spec = config.tokenizer.spec
-    source = Path(spec or workdir / "tokenizer")
-    if source.is_dir():
-        source = source / "tokenizer.json"
-    if spec != "qwen3" and jax.process_index() == 0:
-        shutil.copy(source, export_dir / "tokenizer.json")
-    if config.model.checkpoint and jax.process_index() == 0:  # keeps its chat variant
-        copy_chat_template(config.model.checkpoint, export_dir)
-    return export_dir
+    with fs.local_directory(workdir / "hf") as export_dir:
+        if export_dir.exists() and jax.process_index() == 0:
+            shutil.rmtree(export_dir)
+        save_hf_checkpoint(model, params, export_dir)
+        spec = config.tokenizer.spec
+        source = Path(spec or workdir / "tokenizer")
+        if source.is_dir():
+            source = source / "tokenizer.json"
+        if spec != "qwen3" and jax.process_index() == 0:
+            shutil.copy(source, export_dir / "tokenizer.json")
+        if config.model.checkpoint and jax.process_index() == 0:  # keeps its chat variant
+            copy_chat_template(config.model.checkpoint, export_dir)
+    return workdir / "hf"
 
 
 def _saved_for_preemption(step: int, checkpoints: checkpoint_lib.Checkpoints) -> int:
