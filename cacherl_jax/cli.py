@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,10 @@ CONFIG_COMMANDS = {
     "sft": ("masked SFT on trajectories", "configs/sft.py:tiny"),
     "grpo": ("GRPO with cache-backed rollouts and the tier-aware reward", "configs/grpo.py:tiny"),
     "rft": ("iterative rejection-sampled SFT", "configs/rft.py:tiny"),
-    "plan": ("memory per device of an SFT config, compiled ahead of time", "configs/sft.py:tiny"),
+    "plan": (
+        "per-chip memory and FLOPs of an SFT or GRPO config's programs, compiled ahead of time",
+        "configs/sft.py:tiny",
+    ),
     "augment": ("teacher reasoning for each step of agent trajectories", "configs/augment.py"),
 }
 # Commands their own modules define with `register_cli(commands)`: (module, `--help` line).
@@ -272,6 +276,14 @@ def _config_flags(command: str) -> list[Any]:
         return [
             Flag("cpu_devices", 8, "simulated CPU devices standing in for the mesh", metavar="N"),
             Flag("device_memory_gb", 0.0, "memory of one real device, to say whether it fits"),
+            Flag(
+                "topology",
+                "",
+                "compile for a TPU slice instead (v5p-16, v5e-16, v5p-64 or v5p:2x2x2; needs the "
+                "tpu-plan extra)",
+                metavar="NAME",
+            ),
+            Flag("attention", "", "attention implementation (xla, splash, cudnn, cpu_blocked)"),
         ]
     if command == "augment":
         return [
@@ -303,14 +315,31 @@ def _train(command: str, parsed: Any) -> None:
 
 
 def _plan(parsed: Any) -> None:
-    """`cacherl plan --config=configs/sft.py:qwen3_4b --cpu_devices=8 --device_memory_gb=80`."""
+    """`cacherl plan --config=configs/grpo.py:qwen3_4b --topology=v5p-16` (a TPU slice, compiled on
+    this machine) or `--cpu_devices=8 --device_memory_gb=80` (simulated CPU devices)."""
+    import os
+
+    topology_name = parsed.flags["topology"]
+    if topology_name:
+        # libtpu must not look for TPU metadata or claim the platform on a machine without TPUs.
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chips held
     import jax
 
-    jax.config.update("jax_num_cpu_devices", parsed.flags["cpu_devices"])
-    from cacherl_jax.train import plan
+    from cacherl_jax.train import plan, topology
 
-    result = plan.plan(parsed.config, devices=jax.devices("cpu"))
-    print(plan.format_plan(result, parsed.flags["device_memory_gb"] or None))
+    memory = parsed.flags["device_memory_gb"] or None
+    if topology_name:
+        jax.config.update("jax_platforms", "cpu")
+        target = topology.parse(topology_name)
+        devices = topology.devices(target)
+        memory = memory or target.chip_memory_gib
+    else:
+        jax.config.update("jax_num_cpu_devices", parsed.flags["cpu_devices"])
+        devices = jax.devices("cpu")
+    result = plan.plan(parsed.config, devices=devices, attention=parsed.flags["attention"] or None)
+    print(plan.format_plan(result, memory))
     print(json.dumps(result | {"model": result["model"]["hidden_size"]}))
 
 
@@ -338,6 +367,8 @@ def _config_command(command: str, argv: Sequence[str]) -> Callable[[], None] | N
     return lambda: _train(command, parsed)
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -358,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = _prepare(argv)
         if run is None:
             return 0
+        # Progress and resume lines; `parallel.start` adds the process index on multi-host runs.
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         from cacherl_jax.precision import full_float32_matmuls
 
         full_float32_matmuls()

@@ -94,10 +94,16 @@ def launch(
     devices: int,
     logs: Path,
     flags: Callable[[int, int, int], list[str]] = config_flags,
+    compilation_cache: Path | None = None,
 ) -> Launch:
     """Starts `cacherl ARGS` as `processes` processes of `devices` CPU devices each (one process:
-    no distributed flags). Output goes to `logs`/process_<i>.log."""
+    no distributed flags). Output goes to `logs`/process_<i>.log. `compilation_cache`: a
+    persistent XLA cache shared by the runs of a test module (the same programs compile once;
+    a cached executable computes what a fresh one does)."""
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
+    if compilation_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
     env.pop("XLA_FLAGS", None)
     logs.mkdir(parents=True, exist_ok=True)

@@ -212,12 +212,12 @@ def test_remat_gives_identical_logits_and_gradients(rng):
 
 def test_attention_is_chosen_by_platform_or_config():
     config = PARITY_CONFIGS["tied-theta1e6-gqa2"]
-    platform_choice = "cpu_blocked" if jax.default_backend() == "cpu" else "xla"
-    assert attention.implementation(config) == platform_choice
-    for impl in ("xla", "cpu_blocked"):
+    platform_choice = {"cpu": "cpu_blocked", "tpu": "splash", "gpu": "cudnn"}
+    assert attention.implementation(config) == platform_choice.get(jax.default_backend(), "xla")
+    for impl in ("xla", "cpu_blocked", "splash", "cudnn"):
         assert attention.implementation(config.replace(attention_impl=impl)) == impl
     with pytest.raises(ValueError, match="attention_impl"):
-        config.replace(attention_impl="splash")
+        config.replace(attention_impl="flash")
 
 
 def test_attention_implementations_agree(rng):

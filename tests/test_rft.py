@@ -223,7 +223,7 @@ def test_configs_and_command_line(tmp_path, capsys):
     config.loop.enable_thinking = False
     assert config.sft.data.enable_thinking is False
     with pytest.raises(ValueError, match="unknown rft variant"):
-        rft_configs.get_config("qwen3_8b")
+        rft_configs.get_config("qwen3_14b")
 
     configs = Path(rft_configs.__file__).parent
     argv = ["rft", f"--config={configs / 'rft.py'}:tiny", f"--workdir={tmp_path}"]

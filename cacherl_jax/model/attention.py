@@ -14,19 +14,26 @@ which every query row keeps at least one key:
 Both return [B, T, H, D] in the queries' dtype; softmax runs in float32.
 
 `implementation(config)` is the only place that chooses: `config.attention_impl` when it names
-one, else by the platform of the default backend:
+one, else by the platform of the devices the program is traced for: the mesh set with
+`jax.set_mesh` (a TPU topology's devices say "tpu" even on a CPU machine), else JAX's default
+backend.
 
-- "xla": `jax.nn.dot_product_attention` (XLA on TPU; cuDNN's fused kernel on recent NVIDIA GPUs
-  where the mask form allows it), with queries in blocks of `config.attention_block`.
-- "cpu_blocked": the same mathematics written for XLA's CPU backend: the G query heads of a kv
-  head stacked as the rows of one matmul per (batch, kv head), query blocks that skip the keys
+- "xla": `jax.nn.dot_product_attention` with its default (XLA) implementation, queries in
+  blocks of `config.attention_block`.
+- "cpu_blocked" (CPU): the same mathematics written for XLA's CPU backend: the G query heads of a
+  kv head stacked as the rows of one matmul per (batch, kv head), query blocks that skip the keys
   after their end, and (on one device) a hand-written backward pass that goes pair by pair. Its
   cache keeps keys transposed, [D, S] per (batch, kv head), so that a decode step's scores are
   [G*T, D] x [D, S] and its output [G*T, S] x [S, D], both on contiguous row-major operands.
-
-On TPU a splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) plugs in
-as one more name in `_IMPLEMENTATIONS`, chosen for "tpu" in `implementation`; the model code does
-not change.
+- "splash" (TPU): the Pallas splash-attention kernel
+  (`jax.experimental.pallas.ops.tpu.splash_attention`) with a causal mask and `SegmentIds`
+  (recovered from the mask by a min-reduce), so no [T, S] logits reach HBM; under a mesh it
+  runs per device (`shard_map`, batch and heads split as the arrays are). Rows whose length no
+  tile divides, and cached attention (prefill over a cache, decode), take "xla"'s form.
+- "cudnn" (GPU): cuDNN's fused kernel through
+  `jax.nn.dot_product_attention(implementation="cudnn")` where its constraints hold (bfloat16
+  or float16, head_dim a multiple of 8 and at most 128, even lengths), else "xla". The mask
+  reaches cuDNN as a [B, 1, T, S] bias: no [B, H, T, S] logits.
 """
 
 from __future__ import annotations
@@ -46,9 +53,15 @@ def implementation(config: Qwen3Config) -> str:
     """The implementation to run: `config.attention_impl`, or for "auto" the platform's."""
     if config.attention_impl != "auto":
         return config.attention_impl
-    platform = jax.default_backend()
-    # "tpu" -> "splash" once that kernel is added (module docstring).
-    return "cpu_blocked" if platform == "cpu" else "xla"
+    return _PLATFORM_CHOICE.get(platform(), "xla")
+
+
+def platform() -> str:
+    """The platform the program is traced for: the current mesh's devices (`jax.set_mesh`),
+    else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def self_attention(
@@ -359,6 +372,154 @@ def _pair_attention_bwd(block, residuals, d_out_NxGxTxD):
 _pair_attention.defvjp(_pair_attention_fwd, _pair_attention_bwd)
 
 
+# --- "splash": the TPU kernel, causal mask and segment ids -------------------------------------------
+
+# Query/key tile sizes tried in order; the first that divides T is used.
+_SPLASH_BLOCKS = (512, 256, 128)
+
+
+def _splash_self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config):
+    """Splash attention per device: causal by index, within segments. The segment ids are
+    recovered from the mask (a token's id: the first key it may see, i.e. where its segment
+    starts), so they say exactly what the mask says."""
+    T = q_BxTxHxD.shape[1]
+    block = next((b for b in _SPLASH_BLOCKS if T % b == 0), None)
+    if block is None:  # the kernel tiles T; short or odd rows take the XLA path
+        return _xla_self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)
+    # A plain min-reduce (not argmax's two-output one) fuses with the mask's producer, so the
+    # [B, T, T] mask need not be written out.
+    key_index_T = jnp.arange(T, dtype=jnp.int32)
+    segment_ids_BxT = jnp.min(jnp.where(mask_BxTxT, key_index_T, T), axis=-1)
+    scale = jnp.asarray(config.head_dim**-0.5, q_BxTxHxD.dtype)
+    attend = functools.partial(_splash_local, block=block)
+    args = (q_BxTxHxD * scale, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(*args)
+    # A Pallas kernel is not partitioned by XLA: run it on each device's share of the batch
+    # and heads.
+    batch, heads = _splash_axes(mesh, q_BxTxHxD.shape[0], q_BxTxHxD.shape[2], k_BxTxKxD.shape[2])
+    qkv_spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+    segment_spec = jax.sharding.PartitionSpec(batch, None)
+    return jax.shard_map(
+        attend,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, segment_spec),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(*args)
+
+
+def _splash_axes(mesh, B: int, H: int, K: int):
+    """Mesh axes of the batch (`parallel.DEFAULT_RULES`' `batch`: data, fsdp) and of the heads
+    (`tensor`), each kept only where it divides the dimension."""
+    batch: list[str] = []
+    for axis in ("data", "fsdp"):
+        size = mesh.shape.get(axis, 1)
+        if size > 1 and B % (size * _prod(mesh, batch)) == 0:
+            batch.append(axis)
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and H % tensor == 0 and K % tensor == 0 else None
+    return (tuple(batch) or None), heads
+
+
+def _prod(mesh, axes) -> int:
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size
+
+
+def _splash_local(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, block: int):
+    """The kernel over one device's arrays: per example [heads, T, D], queries pre-scaled."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    _, T, H, _ = q_BxTxHxD.shape
+    kernel = _splash_kernel(H, T, block)
+
+    def attend(q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, segment_ids_BxT):
+        segments = splash.SegmentIds(q=segment_ids_BxT, kv=segment_ids_BxT)
+        return jax.vmap(kernel)(q_BxHxTxD, k_BxKxTxD, v_BxKxTxD, segment_ids=segments)
+
+    half = q_BxTxHxD.dtype != jnp.float32  # float32 operands keep the configured precision
+    out_BxHxTxD = (_default_precision(attend) if half else attend)(
+        q_BxTxHxD.transpose(0, 2, 1, 3),
+        k_BxTxKxD.transpose(0, 2, 1, 3),
+        v_BxTxKxD.transpose(0, 2, 1, 3),
+        segment_ids_BxT,
+    )
+    return out_BxHxTxD.transpose(0, 2, 1, 3).astype(q_BxTxHxD.dtype)
+
+
+def _default_precision(fn):
+    """`fn(q, k, v, segment_ids)` with its forward and backward kernels traced at the default
+    matmul precision: Mosaic rejects "highest" (which `precision.full_float32_matmuls` sets for
+    float32 parity) on bfloat16 operands, and the kernel accumulates in float32 anyway."""
+
+    @jax.custom_vjp
+    def call(q, k, v, segment_ids):
+        with jax.default_matmul_precision("default"):
+            return fn(q, k, v, segment_ids)
+
+    def forward(q, k, v, segment_ids):
+        with jax.default_matmul_precision("default"):
+            out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids), q, k, v)
+        return out, vjp
+
+    def backward(vjp, d_out):
+        with jax.default_matmul_precision("default"):
+            return (*vjp(d_out), None)  # no gradient for the integer segment ids
+
+    call.defvjp(forward, backward)
+    return call
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(H: int, T: int, block: int):
+    """The kernel for H heads of T tokens (its block-sparsity tables are built once per shape)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    mask = splash.MultiHeadMask([splash.CausalMask(shape=(T, T)) for _ in range(H)])
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1)
+
+
+# --- "cudnn": cuDNN's fused kernel where its constraints hold ------------------------------------
+
+
+def _cudnn_self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config):
+    """cuDNN's flash attention over the whole row (causal: it skips the blocks above the
+    diagonal itself), the mask as a [B, 1, T, T] bias; "xla" where cuDNN cannot run it."""
+    if not cudnn_supported(q_BxTxHxD.dtype, config.head_dim, q_BxTxHxD.shape[1]):
+        return _xla_self_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, config)
+    return jax.nn.dot_product_attention(
+        q_BxTxHxD,
+        k_BxTxKxD,
+        v_BxTxKxD,
+        mask=mask_BxTxT[:, None, :, :],
+        scale=config.head_dim**-0.5,
+        is_causal=True,
+        implementation="cudnn",
+    )
+
+
+def cudnn_supported(dtype, head_dim: int, T: int) -> bool:
+    """cuDNN flash attention's constraints (jax's `check_is_flash_attention`): half-precision
+    inputs, head_dim a multiple of 8 up to 128 (256 from Hopper on; 128 holds everywhere), and
+    even lengths when a bias (our mask) is differentiated."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return half and head_dim % 8 == 0 and head_dim <= 128 and T % 2 == 0
+
+
 class _Implementation(NamedTuple):
     self_attention: Callable[..., jax.Array]
     cached_attention: Callable[..., jax.Array]
@@ -371,4 +532,9 @@ _IMPLEMENTATIONS = {
     "cpu_blocked": _Implementation(
         _cpu_self_attention, _cpu_cached_attention, keys_transposed=True
     ),
+    # A cache's queries are few (decode) or chunked (prefill): the XLA form serves both.
+    "splash": _Implementation(_splash_self_attention, _xla_cached_attention, keys_transposed=False),
+    "cudnn": _Implementation(_cudnn_self_attention, _xla_cached_attention, keys_transposed=False),
 }
+# "auto" by platform; any other platform runs "xla".
+_PLATFORM_CHOICE = {"cpu": "cpu_blocked", "tpu": "splash", "gpu": "cudnn"}

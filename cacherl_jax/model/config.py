@@ -12,7 +12,7 @@ ARCHITECTURE = "Qwen3ForCausalLM"
 
 _COMPUTE_DTYPES = ("float32", "bfloat16")
 # "auto": the platform's (attention.implementation); the others name one of attention.py's.
-ATTENTION_IMPLS = ("auto", "xla", "cpu_blocked")
+ATTENTION_IMPLS = ("auto", "xla", "cpu_blocked", "splash", "cudnn")
 
 
 class CheckpointError(UserError, ValueError):
@@ -37,7 +37,8 @@ class Qwen3Config:
       the keys after each block's end (None: one block).
     - `unroll_layers`: unroll the layer scan (faster on CPU, compile time grows with depth).
     - `attention_impl`: "auto" (the platform's choice, see `model/attention.py`), "xla"
-      (`jax.nn.dot_product_attention`) or "cpu_blocked" (the form written for XLA's CPU backend).
+      (`jax.nn.dot_product_attention`), "cpu_blocked" (the form written for XLA's CPU backend),
+      "splash" (TPU's Pallas kernel) or "cudnn" (cuDNN's fused kernel on GPU).
     """
 
     vocab_size: int

@@ -452,7 +452,7 @@ def lower_generate(
         param_shapes(config, qwen3.compute_dtype(config)),
         specs,
     )
-    cache_shapes = jax.eval_shape(kv_cache.init_cache, config, batch, max_len)
+    cache_shapes = jax.eval_shape(functools.partial(kv_cache.init_cache, config, batch, max_len))
     cache = jax.tree.map(
         lambda s, sh: abstract(s.shape, s.dtype, sh),
         cache_shapes,

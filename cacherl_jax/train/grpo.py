@@ -124,6 +124,7 @@ class _Run:
 
     config: ml_collections.ConfigDict
     workdir: Path
+    mesh: jax.sharding.Mesh  # the training mesh (the sampler has its own, per process)
     tokenizer: Tokenizer
     policy: _Policy
     train_tasks: list[Task]
@@ -140,6 +141,7 @@ class _Run:
     merge: Callable  # (trainable, base) -> the full parameters
     batch_shardings: dict[str, Any]
     select_rows: Callable  # (batch, row indices) -> a minibatch, sharded as the batch
+    concat_rows: Callable  # [B_i, T] arrays -> their rows in order, sharded as the batch
     sampler: Sampler
     train_loop: CacheAgentLoop
     eval_loop: CacheAgentLoop
@@ -240,18 +242,7 @@ def _compile_update(
     mesh: jax.sharding.Mesh,
 ) -> Callable:
     """The jitted, sharded GRPO update `(state, base, batch) -> (state, metrics)`."""
-    step_config = GrpoStepConfig(
-        model=policy.model,
-        lora=policy.lora,
-        grad_accum=config.train.grad_accum,
-        loss_chunk_size=config.grpo.loss_chunk_size,
-        eps_low=config.grpo.eps_low,
-        eps_high=config.grpo.eps_high,
-        beta=config.grpo.beta,
-        kl_estimator=config.grpo.kl_estimator,
-        aggregation=config.grpo.aggregation,
-        entropy=config.grpo.entropy,
-    )
+    step_config = GrpoStepConfig.from_config(config, policy.model, policy.lora)
     batch_shardings = _batch_shardings(mesh)
     base_shardings = (
         None if policy.base is None else jax.tree.map(lambda x: x.sharding, policy.base)
@@ -302,6 +293,7 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
     return _Run(
         config=config,
         workdir=workdir,
+        mesh=mesh,
         tokenizer=tokenizer,
         policy=policy,
         train_tasks=train_tasks,
@@ -322,6 +314,9 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
         select_rows=jax.jit(
             lambda batch, rows: {k: v[rows] for k, v in batch.items()},
             out_shardings=batch_shardings,
+        ),
+        concat_rows=jax.jit(
+            lambda parts: jnp.concatenate(parts), out_shardings=batch_shardings["tokens_BxT"]
         ),
         sampler=sampler,
         train_loop=CacheAgentLoop(sampler, tokenizer, cache, loop_config(config)),
@@ -426,16 +421,25 @@ def _with_reference_logprobs(run: _Run, device_batch: dict[str, jax.Array]) -> d
     if config.grpo.old_logp == "recompute":
         device_batch["old_logp_BxT"] = jnp.where(
             device_batch["loss_mask_BxT"] > 0,
-            run.logprobs_fn(run.params(), batch=device_batch),
+            _logprobs_in_parts(run, run.params(), device_batch),
             0.0,
         )
     if config.grpo.beta:
         policy = run.policy
         ref_params = policy.reference if policy.reference is not None else policy.base
-        device_batch["ref_logp_BxT"] = run.logprobs_fn(ref_params, batch=device_batch)
+        device_batch["ref_logp_BxT"] = _logprobs_in_parts(run, ref_params, device_batch)
     else:
         device_batch["ref_logp_BxT"] = jnp.zeros_like(device_batch["old_logp_BxT"])
     return device_batch
+
+
+def _logprobs_in_parts(run: _Run, params: Any, device_batch: dict[str, jax.Array]) -> jax.Array:
+    """Log-probs of the batch's targets, `grpo.minibatches` contiguous slices of rows at a time
+    (the update's row count), so this pass never holds more activations than an update."""
+    parts = np.array_split(np.arange(run.rows), run.config.grpo.minibatches)
+    with jax.set_mesh(run.mesh):
+        logp = [run.logprobs_fn(params, batch=run.select_rows(device_batch, p)) for p in parts]
+        return logp[0] if len(logp) == 1 else run.concat_rows(logp)
 
 
 def _minibatch_updates(
@@ -446,7 +450,8 @@ def _minibatch_updates(
     update_metrics = []
     for part in np.array_split(order, run.config.grpo.minibatches):
         mini = run.select_rows(device_batch, part)
-        run.state, metrics = run.update(run.state, run.policy.base, mini)
+        with jax.set_mesh(run.mesh):  # see sft.py: the attention's platform and kernel
+            run.state, metrics = run.update(run.state, run.policy.base, mini)
         update_metrics.append(metrics)
     return jax.device_get(update_metrics)
 

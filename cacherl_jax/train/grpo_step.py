@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,25 @@ class GrpoStepConfig:
     kl_estimator: str = "k3"
     aggregation: str = "token-mean"
     entropy: bool = True  # per-token entropy of the full distribution, for the metrics
+
+    @classmethod
+    def from_config(
+        cls, config: Any, model: Qwen3Config, lora: lora_lib.LoraConfig | None
+    ) -> GrpoStepConfig:
+        """The step's settings from a GRPO config's `train` and `grpo` blocks."""
+        grpo = config.grpo
+        return cls(
+            model=model,
+            lora=lora,
+            grad_accum=config.train.grad_accum,
+            loss_chunk_size=grpo.loss_chunk_size,
+            eps_low=grpo.eps_low,
+            eps_high=grpo.eps_high,
+            beta=grpo.beta,
+            kl_estimator=grpo.kl_estimator,
+            aggregation=grpo.aggregation,
+            entropy=grpo.entropy,
+        )
 
 
 def rollouts_to_batch(

@@ -247,12 +247,27 @@ class _RoundSampling:
         self.mismatches: list[str] = []
         self.records: list[Trajectory] = []
 
-    def sample(self, tasks: list[Task]) -> None:
-        """Samples, scores and selects one batch of tasks."""
+    def sample(self, tasks: list[Task]) -> tuple[list[Rollout], list[TaskResult]]:
+        """Samples and scores one batch of tasks."""
         rollouts = _run_loop(self.loop, tasks, self.seed)
         self.timing.update({k: v for k, v in self.loop.metrics.items() if k.endswith("_s")})
         start = time.perf_counter()
         results = score_rollouts(tasks, rollouts, self.reward_config)
+        self.timing["select_s"] += time.perf_counter() - start
+        return rollouts, results
+
+    def gather(
+        self, rollouts: list[Rollout], results: list[TaskResult]
+    ) -> tuple[list[Rollout], list[TaskResult]]:
+        """Every process's rollouts and results, in process (= task) order, on every process;
+        the phases' seconds are the slowest process's, as the round waits for it."""
+        parts = parallel.allgather_objects((rollouts, results, self.timing))
+        self.timing = Counter({k: max(p[2].get(k, 0.0) for p in parts) for k in parts[0][2]})
+        return [r for p in parts for r in p[0]], [r for p in parts for r in p[1]]
+
+    def take(self, rollouts: list[Rollout], results: list[TaskResult]) -> None:
+        """Counts and selects one batch's rollouts (the same batches as one process samples)."""
+        start = time.perf_counter()
         self.rewards.extend(r.reward.total for r in results)
         self.successes.extend(r.success for r in results)
         self.tiers.update(r.worst_tier for r in rollouts)
@@ -277,19 +292,6 @@ class _RoundSampling:
             )
             for i in kept
         )
-
-    def gather(self) -> None:
-        """Every process's records and counts, in process (= task) order, on every process."""
-        fields = ("records", "rewards", "successes", "mismatches", "counts", "tiers", "timing")
-        parts = parallel.allgather_objects([getattr(self, name) for name in fields])
-        for index, name in enumerate(fields[:4]):
-            setattr(self, name, [x for part in parts for x in part[index]])
-        self.counts, self.tiers = (
-            sum((p[4] for p in parts), Counter()),
-            sum((p[5] for p in parts), Counter()),
-        )
-        # Seconds: the slowest process's, as the round waits for it.
-        self.timing = Counter({k: max(p[6].get(k, 0.0) for p in parts) for k in parts[0][6]})
 
     def stats(self) -> dict[str, float]:
         counts, sampled = self.counts, max(self.counts["sampled"], 1)
@@ -321,19 +323,27 @@ def _sample_round(
     """Samples every task in batches of `rft.batch_tasks` tasks and keeps what passes `select`;
     returns the records and the round's sampling statistics."""
     sampling = _RoundSampling(policy, cache, tasks, config, round_index)
-    own = parallel.process_share(tasks, even=False)  # each process samples its block of tasks
+    # Each process samples its block of the tasks; the selection then runs on every process
+    # over all of them, batch by batch as one process would (duplicates span processes).
+    own = parallel.process_share(tasks, even=False)
+    batch = config.rft.batch_tasks
+    rollouts: list[Rollout] = []
+    results: list[TaskResult] = []
     bar = tqdm(total=len(own), desc=f"rft round {round_index}: sampling", unit="task",
                disable=not progress or jax.process_index())  # fmt: skip
     try:
-        for start in range(0, len(own), config.rft.batch_tasks):
-            chunk = own[start : start + config.rft.batch_tasks]
-            sampling.sample(chunk)
-            bar.update(len(chunk))
-            accepted, reward = sampling.counts["accepted"], np.mean(sampling.rewards)
-            bar.set_postfix(accepted=accepted, reward=f"{reward:.3f}")
+        for start in range(0, len(own), batch):
+            chunk_rollouts, chunk_results = sampling.sample(own[start : start + batch])
+            rollouts += chunk_rollouts
+            results += chunk_results
+            bar.update(len(own[start : start + batch]))
+            bar.set_postfix(reward=f"{np.mean([r.reward.total for r in results]):.3f}")
     finally:
         bar.close()
-    sampling.gather()
+    rollouts, results = sampling.gather(rollouts, results)
+    rows = config.rft.samples_per_task * batch  # rollouts of one batch of tasks
+    for start in range(0, len(rollouts), rows):
+        sampling.take(rollouts[start : start + rows], results[start : start + rows])
     for example in sampling.mismatches:
         log.info("rft round %d: not round-tripping: %s", round_index, example)
     return sampling.records, sampling.stats()

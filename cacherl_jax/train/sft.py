@@ -259,18 +259,21 @@ def train(
     step_config = StepConfig.from_config(config, model, lora)
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jit_train_step(step_config, tx, schedule, state_shardings, base, batch_sharding)
-    state, last, preempted_at = run_steps(
-        config,
-        workdir,
-        train_step,
-        state,
-        base,
-        data_iterator,
-        batch_sharding,
-        checkpoints,
-        start_step,
-        progress=progress,
-    )
+    # Traced under the mesh: "auto" attention reads its platform there, and TPU's splash kernel
+    # runs per chip through it.
+    with jax.set_mesh(mesh):
+        state, last, preempted_at = run_steps(
+            config,
+            workdir,
+            train_step,
+            state,
+            base,
+            data_iterator,
+            batch_sharding,
+            checkpoints,
+            start_step,
+            progress=progress,
+        )
 
     summary = {"steps": config.train.steps, "resumed_from": start_step, **last}
     if preempted_at is not None:  # not the trained model yet: no export
