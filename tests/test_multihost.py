@@ -106,6 +106,8 @@ def _grpo_args(root, cache_path, workdir, temperature: float) -> list[str]:
         "--config.tasks.n=0",
         "--config.eval_tasks.n=2",
         "--config.grpo.tasks_per_step=4",
+        "--config.grpo.minibatches=2",  # two updates a step, rows gathered across processes
+        "--config.grpo.beta=0.04",  # the reference's log-prob pass and the KL term too
         "--config.loop.group_size=4",
         "--config.loop.max_new_tokens=48",
         "--config.loop.max_len=512",

@@ -256,6 +256,16 @@ def _compile_update(
     )
 
 
+def _row_selector(shardings: dict[str, Any]) -> Callable:
+    """`(batch, row indices) -> those rows`, each array keeping its sharding (any subset of the
+    batch's keys: the log-prob pass runs before the reference's are in)."""
+    takes = {
+        key: jax.jit(lambda x_B, rows: x_B[rows], out_shardings=sharding)
+        for key, sharding in shardings.items()
+    }
+    return lambda batch, rows: {key: takes[key](value, rows) for key, value in batch.items()}
+
+
 def _batch_shardings(mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
     """Rows over the batch axes; token arrays [B, T], advantages [B]."""
     rows = parallel.batch_sharding(mesh)
@@ -311,10 +321,7 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
         ),
         merge=merge,
         batch_shardings=batch_shardings,
-        select_rows=jax.jit(
-            lambda batch, rows: {k: v[rows] for k, v in batch.items()},
-            out_shardings=batch_shardings,
-        ),
+        select_rows=_row_selector(batch_shardings),
         concat_rows=jax.jit(
             lambda parts: jnp.concatenate(parts), out_shardings=batch_shardings["tokens_BxT"]
         ),
