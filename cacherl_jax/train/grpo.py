@@ -363,8 +363,10 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
     with _timed(timing, "time/update_s"):
         fetched = _minibatch_updates(run, device_batch, step)
     metrics = _update_metrics(run, fetched, step)
+    # Rollout records (every token as a list) only when they are saved: not on every step.
+    records = _rollout_records(rollouts, results) if config.train.save_rollouts else []
     everyone = parallel.allgather_objects(
-        (results, run.train_loop.metrics, keep_NxG[:, 0], _rollout_records(rollouts, results))
+        (results, run.train_loop.metrics, keep_NxG[:, 0], records)
     )
     if config.train.save_rollouts and jax.process_index() == 0:
         _save_rollouts(run.workdir, step + 1, [rec for part in everyone for rec in part[3]])
