@@ -15,7 +15,7 @@ import numpy as np
 
 from cacherl_jax import parallel
 from cacherl_jax.agent.environment import Task
-from cacherl_jax.agent.loop import CacheAgentLoop, Rollout
+from cacherl_jax.agent.loop import CacheAgentLoop, CallRecord, Rollout
 from cacherl_jax.rl.rewards import (
     Reward,
     RewardConfig,
@@ -26,8 +26,28 @@ from cacherl_jax.rl.rewards import (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class MadeCall:
+    """One call a rollout made, as the error taxonomy and the validation records read it."""
+
+    name: str
+    arguments: dict[str, Any] | None  # None when the call's JSON did not parse
+    tier: str  # exact / fuzzy / best_effort from the cache; "live" when run live
+    problems: tuple[str, ...] = ()  # kinds of the parse problems of the turn that made it
+
+    @classmethod
+    def from_record(cls, record: CallRecord) -> MadeCall:
+        arguments = None if record.arguments is None else dict(record.arguments)
+        return cls(record.name, arguments, record.tier, tuple(record.problems))
+
+
 @dataclasses.dataclass
 class TaskResult:
+    """One rollout's score, with its calls and final answer (what the validation records keep).
+
+    A plain dataclass of plain values: it pickles across processes (`allgather_objects`) and
+    `to_dict()` is JSON-ready."""
+
     task_id: str
     sample: int
     reward: Reward
@@ -36,10 +56,16 @@ class TaskResult:
     calls: int
     stop_reason: str
     generated_tokens: int
+    made_calls: tuple[MadeCall, ...] = ()
+    final_answer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["reward"] = self.reward.to_dict()
+        out["made_calls"] = [
+            {**dataclasses.asdict(call), "problems": list(call.problems)}
+            for call in self.made_calls
+        ]
         return out
 
 
@@ -63,6 +89,8 @@ def score_rollouts(
                 calls=len(rollout.calls),
                 stop_reason=rollout.stop_reason,
                 generated_tokens=rollout.num_generated,
+                made_calls=tuple(MadeCall.from_record(call) for call in rollout.calls),
+                final_answer=rollout.final_answer,
             )
         )
     return results
