@@ -140,6 +140,9 @@ def loop(enable_thinking: ml_collections.FieldReference | None = None) -> ml_col
         enable_thinking = ml_collections.FieldReference(None, field_type=bool)
     config.enable_thinking = enable_thinking
     config.cache_scope = "task"
+    # Seconds every live tool call sleeps before it answers: a real API's latency, to measure what
+    # the cache saves (0: off).
+    config.tool_latency_s = 0.0
     return config
 
 
@@ -148,6 +151,9 @@ def reward() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.answer_weights = dict(exact=0.60, fuzzy=0.30, best_effort=0.10)
     config.tier_aware = True
+    # Which calls' cache tiers set a(tier): "paper" (every call, the paper's formula) or "matched"
+    # (only calls that match a reference call: a wrong call missing the cache is not excused).
+    config.tier_rule = "paper"
     config.fixed_answer_weight = 0.60
     config.format_weight = 0.2
     config.validity_weight = 0.2

@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         checkpoint_every=50,
         eval_every=50,  # 0: only before the first and after the last
         save_rollouts=False,  # rollouts/step_N.jsonl: every rollout's tokens, reward and tiers
+        # Replay every cached call of the step on a fresh live environment and log, per tier, how
+        # often the cache's result equals the live one (costs one live call per cached call).
+        tier_fidelity=False,
     )
     config.eval = common.evaluation()
     config.lora = common.lora()
@@ -88,5 +91,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
         group_size=4, max_new_tokens=96, max_len=512, cache_len=1536, tool_result_max_tokens=256
     )
     config.grpo.update(tasks_per_step=8, beta=0.0)
-    config.train.update(steps=40, lr=2e-4, warmup_steps=0, checkpoint_every=10, eval_every=10)
+    config.train.update(
+        steps=40, lr=2e-4, warmup_steps=0, checkpoint_every=10, eval_every=10, tier_fidelity=True
+    )
     config.lora.rank = 0  # full fine-tuning

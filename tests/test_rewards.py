@@ -16,6 +16,7 @@ from cacherl_jax.rl.rewards import (
     score_rollout,
     summarize,
 )
+from configs import grpo as grpo_configs
 from tests.openai_stub import OpenAIStub
 
 
@@ -177,6 +178,86 @@ def test_bad_reward_config():
         RewardConfig(answer_weights={"exact": 0.6, "fuzzy": 0.3})
     with pytest.raises(ValueError, match="sum to 1"):
         RewardConfig(order_weight=0.9)
+
+
+# --- which tier sets the answer weight --------------------------------------------------------
+
+
+def _miscopied(task, tiers, answer):
+    """The currency task's two calls, the second with a mis-copied rate, then `answer`."""
+    first, second = task.reference_calls
+    wrong = CallOutcome("convert", dict(second.arguments, rate=second.arguments["rate"] + 1.0))
+    calls = (
+        CallOutcome(first.name, first.arguments, tiers[0]),
+        dataclasses.replace(wrong, tier=tiers[1]),
+    )
+    turns = tuple(_turn(f"<think>\nstep\n</think>\n\n{_call_text(c)}") for c in calls)
+    turns += (_turn(f"<think>\ndone\n</think>\n\n{answer}"),)
+    return RolloutOutcome(turns, calls, answer)
+
+
+def test_the_paper_rule_pays_a_miscopied_call_that_misses_the_cache(task):
+    """Both fail (answer 0). Right calls, exact: process 1, a = 0.6 -> 0.4. Second call
+    mis-copied (valid, but only one of two reference calls found: process 0.2 + 0.2 + 0.6 * 0.5
+    = 0.7), best effort: a = 0.1 -> 0.9 * 0.7 = 0.63. Under "matched" only the right first call
+    (exact) sets a = 0.6 -> 0.4 * 0.7 = 0.28: the miss no longer pays."""
+    right = _perfect(task, ("exact", "exact"), answer="12.5 GBP")
+    missed = _miscopied(task, ("exact", "best_effort"), answer="12.5 GBP")
+    paper, matched = RewardConfig(), RewardConfig(tier_rule="matched")
+
+    assert score_rollout(task, right, paper).total == pytest.approx(0.4)
+    exploit = score_rollout(task, missed, paper)
+    assert exploit.process == pytest.approx(0.7) and exploit.total == pytest.approx(0.63)
+    assert exploit.weight_tier == "best_effort"
+
+    assert score_rollout(task, right, matched).total == pytest.approx(0.4)
+    fixed = score_rollout(task, missed, matched)
+    assert fixed.total == pytest.approx(0.28) and fixed.answer_weight == 0.6
+    # The record keeps the rollout's real worst tier for the metrics by tier.
+    assert (fixed.tier, fixed.weight_tier) == ("best_effort", "exact")
+
+
+def test_matched_keeps_the_lower_weight_for_right_calls_the_cache_answers_approximately(task):
+    """Both calls right, the second answered fuzzy / best effort, answer wrong: process 1, so
+    the total is 1 - a with a = 0.3 / 0.1, as under the paper's rule."""
+    matched = RewardConfig(tier_rule="matched")
+    for tier, a in (("fuzzy", 0.3), ("best_effort", 0.1)):
+        reward = score_rollout(task, _perfect(task, ("exact", tier), answer="12.5 GBP"), matched)
+        assert (reward.weight_tier, reward.answer_weight) == (tier, a)
+        assert reward.total == pytest.approx(1.0 - a)
+    # No call matches a reference call (both mis-copied, both missing the cache): full weight.
+    missed = _miscopied(task, ("best_effort", "best_effort"), answer="12.5 GBP")
+    first = missed.calls[0]
+    wrong_first = dataclasses.replace(first, arguments=dict(first.arguments, quote="ZZZ"))
+    none_right = dataclasses.replace(missed, calls=(wrong_first, missed.calls[1]))
+    reward = score_rollout(task, none_right, matched)
+    assert (reward.tier, reward.weight_tier, reward.answer_weight) == ("best_effort", "exact", 0.6)
+    # The fixed-weight ablation ignores the rule.
+    unaware = RewardConfig(tier_aware=False, tier_rule="matched")
+    assert score_rollout(task, _perfect(task, ("fuzzy", "fuzzy")), unaware).answer_weight == 0.6
+
+
+def test_matched_falls_back_to_the_paper_rule_without_reference_calls(task):
+    """No reference calls: order 1 and both calls valid, so process 1; best effort under either
+    rule gives a = 0.1 and, with answer 0, a total of 0.9."""
+    bare = dataclasses.replace(
+        task, turns=[dataclasses.replace(turn, reference_calls=[]) for turn in task.turns]
+    )
+    outcome = _perfect(task, ("exact", "best_effort"), answer="12.5 GBP")
+    for rule in ("paper", "matched"):
+        reward = score_rollout(bare, outcome, RewardConfig(tier_rule=rule))
+        assert reward.weight_tier == "best_effort" and reward.total == pytest.approx(0.9), rule
+
+
+def test_tier_rule_comes_from_the_config(task):
+    config = grpo_configs.get_config("tiny")
+    assert RewardConfig.from_config(config.reward).tier_rule == "paper"
+    config.reward.tier_rule = "matched"
+    reward_config = RewardConfig.from_config(config.reward)
+    missed = _miscopied(task, ("exact", "best_effort"), answer="12.5 GBP")
+    assert score_rollout(task, missed, reward_config).total == pytest.approx(0.28)
+    with pytest.raises(ValueError, match=r"\('paper', 'matched'\)"):
+        RewardConfig(tier_rule="cheapest")
 
 
 # --- the LLM judge, over real HTTP --------------------------------------------------------------

@@ -7,9 +7,21 @@ calls inside the reasoning, no markup leaking into the answer), the validity of 
 arguments against the tool schema, and ACEBench-style agreement of the calls with the task's
 reference calls, in order. `answer` comes from the environment where it can judge (expected
 values in the final answer, final state equal to the reference state when the rollout ran live)
-or from an LLM judge (`cacherl_jax.rl.judge`). `a` depends on the rollout's worst cache tier,
-so a rollout whose tool results were only approximate is judged mostly on its process: the
-model is not punished for the cache's limits. `tier_aware=False` is the fixed-weight ablation.
+or from an LLM judge (`cacherl_jax.rl.judge`). `tier_aware=False` is the fixed-weight ablation.
+
+Which tier sets `a` (`tier_rule`):
+- "paper" (the paper's formula, the default): the rollout's worst cache tier. A rollout whose
+  tool results were only approximate is judged mostly on its process, so the model is not
+  punished for the cache's limits. But a wrong call (a value mis-copied) usually misses the
+  cache and lands in best effort, and a failing rollout (answer 0) then scores higher the worse
+  its tier: its own mistake buys it process weight, and GRPO can learn to miss.
+- "matched": the worst tier over only the calls that match a reference call (same tool,
+  canonically equal arguments, as `order_score` matches them). A right call that the cache could
+  only answer approximately still lowers `a` (the paper's intent kept); a call that matches no
+  reference call is the model's error, not the cache's limit, and does not. No call matches:
+  "exact". Tasks without reference calls fall back to "paper".
+`Reward.tier` is always the rollout's real worst tier (metrics by tier read it); the tier that
+set `a` is `Reward.weight_tier`.
 
 An answer that only talks about the task ("I will call the tool...") gets answer 0 and a process
 penalty. A judge that fails leaves `answer = None` with the error recorded; the total then falls
@@ -24,8 +36,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cacherl_jax.agent.environment import Task, check_arguments, schema_name
-from cacherl_jax.agent.outcome import TIERS, RolloutOutcome
+from cacherl_jax.agent.environment import ReferenceCall, Task, check_arguments, schema_name
+from cacherl_jax.agent.outcome import TIERS, CallOutcome, RolloutOutcome, worst_tier
 from cacherl_jax.agent.tool_cache import canonical_key
 
 # Markup that must never reach the user-visible answer.
@@ -40,6 +52,8 @@ _META_RE = re.compile(
 )
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
+TIER_RULES = ("paper", "matched")  # which calls' tiers set a(tier): see the module docstring
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
@@ -47,6 +61,7 @@ class RewardConfig:
         default_factory=lambda: {"exact": 0.60, "fuzzy": 0.30, "best_effort": 0.10}
     )
     tier_aware: bool = True
+    tier_rule: str = "paper"  # "paper" | "matched"
     fixed_answer_weight: float = 0.60  # the ablation's a, the same for every tier
     format_weight: float = 0.2
     validity_weight: float = 0.2
@@ -54,6 +69,8 @@ class RewardConfig:
     meta_penalty: float = 0.5  # process reward is multiplied by (1 - meta_penalty)
 
     def __post_init__(self):
+        if self.tier_rule not in TIER_RULES:
+            raise ValueError(f"tier_rule must be one of {TIER_RULES}, got {self.tier_rule!r}")
         missing = set(TIERS) - set(self.answer_weights)
         if missing:
             raise ValueError(f"answer_weights needs a weight for {sorted(missing)}")
@@ -86,9 +103,10 @@ class Reward:
     validity: float
     order: float
     meta_answer: bool
-    tier: str
+    tier: str  # the rollout's worst cache tier
     answer_weight: float
     judge_error: str | None = None
+    weight_tier: str | None = None  # the tier that set answer_weight (None: the same as `tier`)
 
     @property
     def answer_missing(self) -> bool:
@@ -130,13 +148,18 @@ def validity_score(task: Task, outcome: RolloutOutcome, *, check_types: bool = T
     return valid / len(outcome.calls)
 
 
+def _call_key(call: CallOutcome | ReferenceCall) -> tuple[str, str]:
+    """What two calls must share to be the same call: the tool and the canonical arguments."""
+    return call.name, canonical_key(call.arguments)
+
+
 def order_score(task: Task, outcome: RolloutOutcome) -> float:
     """ACEBench's milestone agreement: the fraction of reference calls found, in order, among
     the model's calls (same tool, canonically equal arguments; other calls in between are fine)."""
-    reference = [(c.name, canonical_key(c.arguments)) for c in task.reference_calls]
+    reference = [_call_key(c) for c in task.reference_calls]
     if not reference:
         return 1.0
-    made = [(c.name, canonical_key(c.arguments)) for c in outcome.calls if c.arguments is not None]
+    made = [_call_key(c) for c in outcome.calls if c.arguments is not None]
     found, position = 0, 0
     for name, key in reference:
         for index in range(position, len(made)):
@@ -199,6 +222,18 @@ def environment_answer(task: Task, outcome: RolloutOutcome) -> float | None:
 # --- combination -----------------------------------------------------------------------------------
 
 
+def weight_tier(task: Task, outcome: RolloutOutcome, rule: str = "paper") -> str:
+    """The tier that sets a(tier) under `rule` (see the module docstring)."""
+    if rule == "paper" or not task.reference_calls:
+        return outcome.worst_tier
+    reference = {_call_key(c) for c in task.reference_calls}
+    return worst_tier(
+        call.tier
+        for call in outcome.calls
+        if call.arguments is not None and _call_key(call) in reference
+    )
+
+
 def score_rollout(
     task: Task,
     outcome: RolloutOutcome,
@@ -228,8 +263,8 @@ def score_rollout(
     if meta and answer is not None:
         answer = 0.0  # an answer that only talks about the task answers nothing
 
-    tier = outcome.worst_tier
-    a = config.answer_weight(tier)
+    weighted_by = weight_tier(task, outcome, config.tier_rule)
+    a = config.answer_weight(weighted_by)
     total = process if answer is None else a * answer + (1.0 - a) * process
     return Reward(
         total=total,
@@ -239,9 +274,10 @@ def score_rollout(
         validity=validity,
         order=order,
         meta_answer=meta,
-        tier=tier,
+        tier=outcome.worst_tier,
         answer_weight=a,
         judge_error=judge_error,
+        weight_tier=weighted_by,
     )
 
 

@@ -9,7 +9,9 @@ reference policy for the KL term is the starting checkpoint (frozen), or the LoR
 Metrics per step (metrics.jsonl + TensorBoard): reward and its components overall and by tier,
 tier hit counts, KL, clip fraction, entropy, sampler/trainer log-prob gap, response length, tool
 calls per rollout, and seconds per phase (weight move, sampling, tools, reward, reference,
-update).
+update). With `train.tier_fidelity`, each cache tier's live-tool agreement too
+(`cacherl_jax.agent.fidelity`: the step's calls replayed on fresh live environments), and the
+summary `train` returns has the run's totals per tier (`run_tiers`).
 
 Many processes. Each process samples on its own devices (`parallel.local_mesh`), with no
 cross-host collective while decoding, and owns a contiguous block of the step's tasks with all G
@@ -30,7 +32,8 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,9 @@ from tqdm.auto import tqdm
 
 from cacherl_jax import fs, parallel
 from cacherl_jax.agent.environment import Task
+from cacherl_jax.agent.fidelity import add_counts, fidelity_metrics, replay_rollouts
 from cacherl_jax.agent.loop import CacheAgentLoop, Rollout
+from cacherl_jax.agent.outcome import TIERS
 from cacherl_jax.agent.tool_cache import ToolCache
 from cacherl_jax.chat import Tokenizer
 from cacherl_jax.chat.template_check import copy_chat_template, load_checked_tokenizer
@@ -365,13 +370,19 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
     metrics = _update_metrics(run, fetched, step)
     # Rollout records (every token as a list) only when they are saved: not on every step.
     records = _rollout_records(rollouts, results) if config.train.save_rollouts else []
+    fidelity = None
+    if config.train.tier_fidelity:
+        with _timed(timing, "time/fidelity_s"):
+            fidelity = replay_rollouts(tasks, rollouts)  # this process's rollouts
     everyone = parallel.allgather_objects(
-        (results, run.train_loop.metrics, keep_NxG[:, 0], records)
+        (results, run.train_loop.metrics, keep_NxG[:, 0], records, fidelity)
     )
     if config.train.save_rollouts and jax.process_index() == 0:
         _save_rollouts(run.workdir, step + 1, [rec for part in everyone for rec in part[3]])
     all_results = [r for part in everyone for r in part[0]]
     metrics.update(_rollout_metrics(all_results, [part[1] for part in everyone]))
+    if config.train.tier_fidelity:
+        metrics.update(fidelity_metrics(add_counts(part[4] for part in everyone)))
     metrics.update(timing)
     metrics["groups_kept"] = float(sum(part[2].sum() for part in everyone))
     metrics["response_tokens"] = float(np.mean([r.generated_tokens for r in all_results]))
@@ -542,9 +553,12 @@ def _train_steps(
     bar = tqdm(total=steps, initial=run.start_step, desc="grpo", unit="step",
                disable=not progress or jax.process_index())  # fmt: skip
     last: dict[str, float] = {}
+    tally: Counter[str] = Counter()
     try:
         for step in range(run.start_step, steps):
             last = _train_step(run, step)
+            _tally_tiers(tally, last)
+            summary["run_tiers"] = _run_tiers(tally)
             done, is_last = step + 1, step + 1 == steps
             if done % config.train.log_every == 0 or is_last:
                 run.writer.write(done, last)
@@ -563,7 +577,37 @@ def _train_steps(
                 summary["eval_after"] = _evaluate(run, done)
     finally:
         bar.close()
+    if tally:
+        log.info("cache tiers over the run: %s", summary["run_tiers"])
     return last
+
+
+def _tally_tiers(tally: Counter[str], metrics: Mapping[str, float]) -> None:
+    """Adds one step's counts per cache tier: rollouts by worst tier, cached calls, and replayed
+    calls with how many agreed with live tools (`tier_fidelity`)."""
+    rollouts = metrics["loop/rollouts"]
+    tally["rollouts"] += rollouts
+    for tier in TIERS:
+        tally[f"rollouts_{tier}"] += metrics[f"tier/{tier}_fraction"] * rollouts
+        tally[f"calls_{tier}"] += metrics[f"loop/calls_{tier}"]
+        replayed = metrics.get(f"fidelity/{tier}_calls", 0.0)
+        tally[f"replayed_{tier}"] += replayed
+        tally[f"agree_{tier}"] += metrics.get(f"fidelity/{tier}_agreement", 0.0) * replayed
+
+
+def _run_tiers(tally: Counter[str]) -> dict[str, float | None]:
+    """The run's share of rollouts (by worst tier) and of cached calls in each tier, and each
+    tier's live-tool agreement (None where no call of it was replayed), over the steps this call
+    ran (after a resume: since the resume)."""
+    cached = sum(tally[f"calls_{tier}"] for tier in TIERS)
+    out: dict[str, float | None] = {"rollouts": tally["rollouts"], "cached_calls": cached}
+    for tier in TIERS:
+        out[f"tier/{tier}_fraction"] = tally[f"rollouts_{tier}"] / tally["rollouts"]
+        out[f"calls/{tier}_fraction"] = tally[f"calls_{tier}"] / cached if cached else None
+        replayed = tally[f"replayed_{tier}"]
+        out[f"fidelity/{tier}_calls"] = replayed
+        out[f"fidelity/{tier}_agreement"] = tally[f"agree_{tier}"] / replayed if replayed else None
+    return out
 
 
 def _export(run: _Run, workdir: Path) -> str:

@@ -1,0 +1,112 @@
+"""Tier fidelity: a rollout's cache-answered calls replayed on live tools, counted per tier."""
+
+import numpy as np
+import pytest
+
+from cacherl_jax.agent.factory import make_environment
+from cacherl_jax.agent.fidelity import add_counts, fidelity_metrics, replay_rollouts
+from cacherl_jax.agent.loop import CallRecord, Rollout
+from cacherl_jax.agent.procedural import generate_tasks
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return generate_tasks("train", 200, seed=1)
+
+
+def _task(tasks, kind):
+    return next(t for t in tasks if t.metadata.get("kind") == kind)
+
+
+def _rollout(task, calls):
+    """A rollout of `task` that made `calls` (its tokens do not matter here)."""
+    empty = np.zeros(1, np.int32)
+    return Rollout(
+        task_id=task.id, sample=0, token_ids=empty, loss_mask=empty.astype(np.int8),
+        logprobs=empty.astype(np.float32), raw_logprobs=empty.astype(np.float32),
+        thinking_mask=empty.astype(np.int8), turn_ids=empty, prompt_length=1, turns=[],
+        calls=calls, final_answer="x", stop_reason="answer",
+    )  # fmt: skip
+
+
+def _record(name, arguments, tier, result, truncated_tokens=0):
+    score = 100.0 if tier in ("exact", "live") else 50.0
+    return CallRecord(0, name, arguments, tier, score, result, truncated_tokens=truncated_tokens)
+
+
+def _live(task, calls):
+    """What a fresh environment of the task returns for `calls`, run in order."""
+    env = make_environment(task)
+    return [env.execute(name, arguments).text for name, arguments in calls]
+
+
+def test_replay_counts_agreement_per_tier(tasks):
+    """An exact hit agrees; a fuzzy hit answered with another key's result disagrees; a
+    truncated result agrees on the part shown; a best-effort result that is the live one
+    agrees (the tier says how the cache found it, the replay whether it was right)."""
+    price = _task(tasks, "shop.price")
+    (call,) = price.reference_calls
+    right = _live(price, [(call.name, call.arguments)])[0]
+    items = price.initial_state["items"]
+    wanted = items[call.arguments["item"]]["price"]
+    other_item = next(name for name, item in items.items() if item["price"] != wanted)
+    other = _live(price, [("get_price", {"item": other_item})])[0]
+    assert other != right
+    cut = right[:5] + "\n[truncated: 3 more tokens]"
+    rollouts = [
+        _rollout(price, [_record(call.name, call.arguments, "exact", right)]),
+        _rollout(price, [_record(call.name, call.arguments, "fuzzy", other)]),
+        _rollout(price, [_record(call.name, call.arguments, "fuzzy", cut, truncated_tokens=3)]),
+        _rollout(price, [_record(call.name, call.arguments, "best_effort", right)]),
+        _rollout(price, [_record(call.name, call.arguments, "best_effort", "no record")]),
+    ]
+    counts = replay_rollouts([price], rollouts)
+    assert counts == {
+        "exact": {"calls": 1, "agree": 1},
+        "fuzzy": {"calls": 2, "agree": 1},
+        "best_effort": {"calls": 2, "agree": 1},
+    }
+    assert fidelity_metrics(counts) == {
+        "fidelity/exact_calls": 1.0,
+        "fidelity/exact_agreement": 1.0,
+        "fidelity/fuzzy_calls": 2.0,
+        "fidelity/fuzzy_agreement": 0.5,
+        "fidelity/best_effort_calls": 2.0,
+        "fidelity/best_effort_agreement": 0.5,
+    }
+
+
+def test_live_calls_run_for_the_state_but_are_not_counted(tasks):
+    """Two identical purchases: the second's balance depends on the first. The first ran live
+    (not counted); the cache answered the second exactly with the balance after both, which
+    agrees only if the replay ran the first call too."""
+    shop = _task(tasks, "shop.buy")
+    (buy,) = shop.reference_calls
+    first, second = _live(shop, [(buy.name, buy.arguments)] * 2)
+    assert first != second
+    rollout = _rollout(
+        shop,
+        [
+            _record(buy.name, buy.arguments, "live", first),
+            _record(buy.name, buy.arguments, "exact", second),
+        ],
+    )
+    counts = replay_rollouts([shop], [rollout])
+    assert counts["exact"] == {"calls": 1, "agree": 1}
+    assert sum(c["calls"] for c in counts.values()) == 1
+    only_live = replay_rollouts([shop], [_rollout(shop, [rollout.calls[0]])])
+    assert fidelity_metrics(only_live) == {
+        "fidelity/exact_calls": 0.0,
+        "fidelity/fuzzy_calls": 0.0,
+        "fidelity/best_effort_calls": 0.0,
+    }  # no agreement where no call of the tier was replayed
+
+
+def test_counts_add_across_processes():
+    one = {"exact": {"calls": 2, "agree": 2}, "fuzzy": {"calls": 1, "agree": 0}}
+    two = {"exact": {"calls": 1, "agree": 0}, "best_effort": {"calls": 3, "agree": 1}}
+    assert add_counts([one, two]) == {
+        "exact": {"calls": 3, "agree": 2},
+        "fuzzy": {"calls": 1, "agree": 0},
+        "best_effort": {"calls": 3, "agree": 1},
+    }
