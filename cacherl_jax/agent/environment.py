@@ -21,6 +21,7 @@ import abc
 import copy
 import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -268,9 +269,12 @@ class Environment(abc.ABC):
 
     `history` holds every executed call since the last reset, errors included. With
     `check_types` False only argument names are checked and values go to the tool as given.
+    `latency_s` > 0 makes every `execute` sleep that long before it answers, like a real API
+    behind a network (`make_environment(task, latency_s=...)` sets it; 0, the default: no sleep).
     """
 
     check_types = True
+    latency_s = 0.0
 
     def __init__(self) -> None:
         self.task: Task | None = None
@@ -303,6 +307,8 @@ class Environment(abc.ABC):
     def execute(self, name: str, arguments: Any) -> ToolResult:
         """Runs one call; every failure is returned as a `ToolResult`, never raised."""
         self._require_task()
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)
         schema = self._visible.get(name) if isinstance(name, str) else None
         if schema is None:
             available = ", ".join(self._visible) or "none"

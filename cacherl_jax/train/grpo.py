@@ -69,7 +69,13 @@ from cacherl_jax.train.grpo_step import (
 from cacherl_jax.train.metrics import MetricsWriter
 from cacherl_jax.train.optimizer import make_optimizer
 from cacherl_jax.train.preemption import Preemption
-from cacherl_jax.train.rollout_setup import CacheSync, load_tasks, loop_config, open_cache
+from cacherl_jax.train.rollout_setup import (
+    CacheSync,
+    load_tasks,
+    loop_config,
+    open_cache,
+    training_env,
+)
 from cacherl_jax.train.step import batch_shards, init_train_state
 
 log = logging.getLogger(__name__)
@@ -331,7 +337,9 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
             lambda parts: jnp.concatenate(parts), out_shardings=batch_shardings["tokens_BxT"]
         ),
         sampler=sampler,
-        train_loop=CacheAgentLoop(sampler, tokenizer, cache, loop_config(config)),
+        train_loop=CacheAgentLoop(
+            sampler, tokenizer, cache, loop_config(config), make_env=training_env(config)
+        ),
         eval_loop=CacheAgentLoop(sampler, tokenizer, cache, loop_config(config, evaluation=True)),
         writer=MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0),
     )

@@ -78,7 +78,7 @@ from cacherl_jax.train.rft_data import (
     roundtrip_mismatch,
     select,
 )
-from cacherl_jax.train.rollout_setup import load_tasks, loop_config, open_cache
+from cacherl_jax.train.rollout_setup import load_tasks, loop_config, open_cache, training_env
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ def sampling_fingerprint(config: ml_collections.ConfigDict, checkpoint: str) -> 
             {
                 "checkpoint": checkpoint,
                 "tasks": config.tasks.to_dict(),
-                "loop": config.loop.to_dict(),
+                # Latency changes what sampling costs, not what it samples.
+                "loop": {k: v for k, v in config.loop.to_dict().items() if k != "tool_latency_s"},
                 "reward": config.reward.to_dict(),
                 "filter": dataclasses.asdict(FilterConfig.from_config(config.rft)),
                 "samples_per_task": config.rft.samples_per_task,
@@ -231,7 +232,13 @@ class _RoundSampling:
     def __init__(
         self, policy: _Policy, cache, tasks: list[Task], config: ml_collections.ConfigDict, k: int
     ):
-        self.loop = CacheAgentLoop(policy.sampler, policy.tokenizer, cache, _loop_config(config))
+        self.loop = CacheAgentLoop(
+            policy.sampler,
+            policy.tokenizer,
+            cache,
+            _loop_config(config),
+            make_env=training_env(config),
+        )
         self.tokenizer, self.round_index = policy.tokenizer, k
         self.enable_thinking = config.sft.data.enable_thinking  # the SFT rendering's setting
         self.reward_config = RewardConfig.from_config(config.reward)

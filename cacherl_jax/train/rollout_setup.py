@@ -1,13 +1,16 @@
 """What both RL trainers (GRPO, rejection-sampled SFT) set up before they sample: the tasks, the
-tool cache and the agent loop's settings, each read from the same config blocks."""
+tool cache, the agent loop's settings and its live environments, each read from the same config
+blocks."""
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -16,7 +19,8 @@ from jax.experimental import multihost_utils
 
 from cacherl_jax import parallel
 from cacherl_jax.agent import bfcl, tool_cache
-from cacherl_jax.agent.environment import Task
+from cacherl_jax.agent.environment import Environment, Task
+from cacherl_jax.agent.factory import make_environment
 from cacherl_jax.agent.loop import LoopConfig
 from cacherl_jax.agent.procedural import generate_tasks
 from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_trajectories
@@ -130,6 +134,7 @@ def loop_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) 
     """The agent loop's settings (`config.loop`); for evaluation with `config.eval`'s samples,
     temperature and tool mode."""
     values = config.loop.to_dict()
+    values.pop("tool_latency_s", None)  # the environments' option (`training_env`), not the loop's
     if evaluation:
         values.update(
             group_size=config.eval.samples,
@@ -137,3 +142,14 @@ def loop_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) 
             mode=config.eval.mode,
         )
     return LoopConfig(**values)
+
+
+def training_env(config: ml_collections.ConfigDict) -> Callable[[Task], Environment]:
+    """The `make_env` of a training loop (`CacheAgentLoop(..., make_env=training_env(config))`):
+    every live call sleeps `loop.tool_latency_s` seconds, a real API's latency, so a run measures
+    what the cache saves. Evaluation loops keep the plain `make_environment`: the latency is a
+    training-cost simulation, not part of what is scored."""
+    latency_s = config.loop.get("tool_latency_s", 0.0)
+    if not latency_s >= 0:
+        raise TrainingError(f"loop.tool_latency_s must be >= 0 seconds, got {latency_s!r}")
+    return functools.partial(make_environment, latency_s=latency_s)
