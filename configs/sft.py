@@ -5,7 +5,9 @@
         --config.data.train=data/train.jsonl --config.mesh.fsdp=-1 --workdir=runs/sft-0.6b
 
 `arg` picks the variant: `tiny` (the 1.1M-parameter CPU model with a tokenizer trained on the
-data itself), `qwen3_0.6b` ... `qwen3_8b` (load `model.checkpoint`, a Hugging Face
+data itself), `tiny_pretrain` (how `experiments/build_tiny_base.py` pretrains a miniature base:
+every token of plain-text documents),
+`qwen3_0.6b` ... `qwen3_8b` (load `model.checkpoint`, a Hugging Face
 directory, with the real Qwen3 tokenizer, LoRA r=128 as in the paper). Every field can be
 overridden on the command line; the resolved config is written to the workdir.
 """
@@ -14,7 +16,14 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("tiny", "qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_8b")
+VARIANTS = (
+    "tiny",
+    "tiny_pretrain",
+    "qwen3_0.6b",
+    "qwen3_1.7b",
+    "qwen3_4b",
+    "qwen3_8b",
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distributed = common.distributed()
 
     config.model = common.model()
-    config.model.preset = variant  # shape used when no checkpoint is given (random init)
+    # shape used when no checkpoint is given (random init)
+    config.model.preset = "tiny" if variant.startswith("tiny") else variant
 
     config.tokenizer = ml_collections.ConfigDict()
     # "qwen3", a tokenizer directory, or "" to train a byte-level BPE on the training data.
@@ -37,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tokenizer.train_vocab_size = 1024
 
     config.data = ml_collections.ConfigDict()
-    config.data.train = ""  # trajectories JSONL (required)
+    config.data.train = ""  # trajectories JSONL (required), or documents JSONL with format "text"
+    config.data.format = "trajectories"  # or "text": {"text": ...} documents, every token trained
     config.data.on_error = "raise"  # or "skip": malformed records are reported by file:line:field
     config.data.seq_len = 4096
     config.data.batch_size = 32
@@ -61,8 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         log_example_ids=False,  # debugging/tests: which examples each step consumed
     )
     config.lora = common.lora()
-    if variant == "tiny":
+    if variant.startswith("tiny"):
         _tiny(config)
+    if variant == "tiny_pretrain":
+        _tiny_pretrain(config)
     return config
 
 
@@ -75,3 +88,12 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
         steps=1500, lr=4e-3, warmup_steps=50, weight_decay=0.0, checkpoint_every=200
     )
     config.lora.rank = 0  # full fine-tuning
+
+
+def _tiny_pretrain(config: ml_collections.ConfigDict) -> None:
+    """Pretraining the tiny base on plain documents (`cacherl_jax.data.pretrain_corpus`); the build
+    script sets `data.train` and `tokenizer.spec` (the tokenizer it trained on the corpus)."""
+    config.data.format = "text"
+    # Short rows, small batches: documents are short, and steps (not tokens) teach copying.
+    config.data.update(seq_len=256, batch_size=4)
+    config.train.update(steps=1500, lr=4e-3, warmup_steps=100, checkpoint_every=500)

@@ -26,6 +26,15 @@ QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3's pattern without the letter run's leading character: a word never carries a space or a
+# quote, so a value (" EUR" in prose, "EUR" after a JSON quote) has the same tokens everywhere.
+# Spaces become their own pieces (more tokens per text); digits stay single.
+SPLIT_SPACE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# The pre-tokenizer patterns `train_tokenizer` offers, by the name cacherl_tokenizer.json records.
+PATTERNS = {"qwen": QWEN_PATTERN, "split_space": SPLIT_SPACE_PATTERN}
 
 # Qwen3's added tokens, in id order from QWEN3_FIRST_ADDED_ID.
 QWEN3_ADDED_TOKENS = (
@@ -207,15 +216,20 @@ def train_tokenizer(
     output_dir: str | os.PathLike[str],
     *,
     from_files: bool = True,
+    pattern: str = "qwen",
 ) -> Tokenizer:
-    """Trains a byte-level BPE with Qwen3's pre-tokenizer and added tokens (ids 0..25, in Qwen3's
-    order), saves `tokenizer.json` into `output_dir` and returns it loaded.
+    """Trains a byte-level BPE with Qwen3's added tokens (ids 0..25, in Qwen3's order), saves
+    `tokenizer.json` into `output_dir` and returns it loaded.
 
-    Every byte is in the vocabulary, so any text encodes; digits stay single tokens.
+    `pattern` names the pre-tokenizer (`PATTERNS`): "qwen" (Qwen3's) or "split_space" (words
+    without a leading space or quote). Every byte is in the vocabulary, so any text encodes;
+    digits stay single tokens.
     """
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
+    if pattern not in PATTERNS:
+        raise TokenizerError(f"unknown pattern {pattern!r} (one of {', '.join(PATTERNS)})")
     minimum = len(QWEN3_ADDED_TOKENS) + 256
     if vocab_size < minimum:
         raise TokenizerError(
@@ -225,7 +239,7 @@ def train_tokenizer(
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PATTERNS[pattern]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -249,7 +263,11 @@ def train_tokenizer(
     tokenizer.save(str(output_dir / "tokenizer.json"))
     (output_dir / "cacherl_tokenizer.json").write_text(
         json.dumps(
-            {"kind": "byte-level-bpe", "vocab_size": tokenizer.get_vocab_size(), "pattern": "qwen"}
+            {
+                "kind": "byte-level-bpe",
+                "vocab_size": tokenizer.get_vocab_size(),
+                "pattern": pattern,
+            }
         )
         + "\n"
     )

@@ -18,6 +18,9 @@ first fit but restores by re-reading from the last batch boundary, has no trunca
 and lets hosts fall out of step; our plan makes a position two integers and keeps hosts in
 lockstep.
 
+Plain text (`text_examples`, the pretraining format): a document is its tokens followed by
+`<|endoftext|>`, every target trained and none of them thinking.
+
 Epochs and hosts. Epoch `e` visits the examples in `permutation(seed, e)` (or in order without
 `shuffle`). Packing needs only lengths, so every host plans the same global batches (a cheap
 pass over lengths) and host `p` of `P` yields rows `[p * R, (p + 1) * R)` of each, with
@@ -55,6 +58,7 @@ import dataclasses
 import json
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import grain
@@ -134,6 +138,39 @@ def render_examples(
         else:
             messages, tools = trajectory.messages, trajectory.tools
         examples.append(example_from_rendered(render(messages, tools, tokenizer, **render_kwargs)))
+    return examples
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """The `text` of every record of a JSONL file of `{"text": ...}` objects (blank lines skipped);
+    a record without a string `text` is an error naming its line."""
+    texts = []
+    with Path(path).open() as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not JSON ({err})") from err
+            if not isinstance(record, Mapping) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{path}:{line_number}: expected an object with a string "text"')
+            texts.append(record["text"])
+    return texts
+
+
+def text_examples(texts: Iterable[str], tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
+    """One example per text, in order: its tokens and `<|endoftext|>`, every target trained."""
+    examples = []
+    for text in texts:
+        token_ids = np.asarray([*tokenizer.encode(text), tokenizer.special.endoftext], np.int32)
+        examples.append(
+            {
+                "token_ids": token_ids,
+                "loss_mask": np.ones(len(token_ids), np.int8),
+                "thinking_mask": np.zeros(len(token_ids), np.int8),
+            }
+        )
     return examples
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +144,14 @@ def make_train_step(
 # --- setup ---------------------------------------------------------------------------------------------
 
 
-def _tokenizer(config: ml_collections.ConfigDict, workdir: Path, trajectories: list) -> Tokenizer:
+def _tokenizer(config: ml_collections.ConfigDict, workdir: Path, texts: Iterable[str]) -> Tokenizer:
+    """The config's tokenizer, or one trained on `texts` (the training data as text)."""
     spec = config.tokenizer.spec
     if spec:  # the chat variant of the checkpoint trained from, checked against its template
         return load_checked_tokenizer(spec, config.model.checkpoint or None)
     local = workdir / "tokenizer"
     if (local / "tokenizer.json").exists():  # a resumed run keeps the vocabulary it started with
         return load_tokenizer(local)
-    texts = (render_text(t.messages, t.tools) for t in trajectories)
     return train_tokenizer(texts, config.tokenizer.train_vocab_size, local, from_files=False)
 
 
@@ -310,24 +310,21 @@ def make_checked_mesh(
 def load_data(
     config: ml_collections.ConfigDict, workdir: Path
 ) -> tuple[Qwen3Config, Iterator[dict[str, Any]]]:
-    """The model the run trains and this host's iterator of packed batches: the trajectories are
-    rendered with the run's tokenizer (trained on them at the start of a fresh run when
-    `tokenizer.spec` is empty), which may set the model's vocabulary."""
-    trajectories, report = load_jsonl(config.data.train, on_error=config.data.on_error)
-    if not trajectories:
+    """The model the run trains and this host's iterator of packed batches: the data is turned
+    into examples with the run's tokenizer (trained on it at the start of a fresh run when
+    `tokenizer.spec` is empty), which may set the model's vocabulary.
+
+    `data.format` "trajectories" renders chat trajectories (masked as `data.train_on` says);
+    "text" trains on every token of plain documents (JSONL of `{"text": ...}`: pretraining)."""
+    readers = {"trajectories": _trajectory_examples, "text": _text_examples}
+    if config.data.format not in readers:
         raise TrainingError(
-            f"{config.data.train}: no usable trajectories "
-            f"({report.skipped} malformed records skipped)"
+            f"data.format must be one of {', '.join(readers)}, got {config.data.format!r}"
         )
-    tokenizer = _tokenizer(config, workdir, trajectories)
+    texts, make_examples = readers[config.data.format](config)
+    tokenizer = _tokenizer(config, workdir, texts)
     model = model_config(config, tokenizer)
-    examples = data_pipeline.render_examples(
-        trajectories,
-        tokenizer,
-        enable_thinking=config.data.enable_thinking,
-        train_on=config.data.train_on,
-        train_thinking=config.data.train_thinking,
-    )
+    examples = make_examples(tokenizer)
     pipeline_config = data_pipeline.PipelineConfig(
         seq_len=config.data.seq_len,
         batch_size=config.data.batch_size,
@@ -346,6 +343,39 @@ def load_data(
     except ValueError as err:  # e.g. nothing trainable within seq_len
         raise TrainingError(f"{config.data.train}: {err}") from err
     return model, iter(dataset)
+
+
+def _trajectory_examples(config: ml_collections.ConfigDict):
+    """(the trajectories as text, tokenizer -> their rendered examples)."""
+    trajectories, report = load_jsonl(config.data.train, on_error=config.data.on_error)
+    if not trajectories:
+        raise TrainingError(
+            f"{config.data.train}: no usable trajectories "
+            f"({report.skipped} malformed records skipped)"
+        )
+    texts = (render_text(t.messages, t.tools) for t in trajectories)
+
+    def make_examples(tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
+        return data_pipeline.render_examples(
+            trajectories,
+            tokenizer,
+            enable_thinking=config.data.enable_thinking,
+            train_on=config.data.train_on,
+            train_thinking=config.data.train_thinking,
+        )
+
+    return texts, make_examples
+
+
+def _text_examples(config: ml_collections.ConfigDict):
+    """(the documents, tokenizer -> their examples, every token trained)."""
+    try:
+        texts = data_pipeline.load_texts(config.data.train)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"data.format='text': {err}") from err
+    if not texts:
+        raise TrainingError(f"{config.data.train}: no documents")
+    return texts, lambda tokenizer: data_pipeline.text_examples(texts, tokenizer)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:

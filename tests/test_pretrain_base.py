@@ -1,0 +1,135 @@
+"""The pretrained miniature base's tools: its corpus (deterministic, nothing of the procedural
+suite), the tokenizer's pattern option, the text data format, and a toy build."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cacherl_jax.agent.procedural import SYSTEM_PROMPT, all_kinds
+from cacherl_jax.agent.procedural.environment import DOMAINS
+from cacherl_jax.chat import load_tokenizer, train_tokenizer
+from cacherl_jax.chat.tokenizer import QWEN3_ADDED_TOKENS
+from cacherl_jax.data import pipeline
+from cacherl_jax.data import pretrain_corpus as corpus
+from cacherl_jax.model import load_hf_checkpoint, presets
+from configs import sft as sft_configs
+from experiments import build_tiny_base
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- the corpus --------------------------------------------------------------------------------
+
+
+def test_the_corpus_is_deterministic_in_its_seed_and_split():
+    first = corpus.generate_documents(60, seed=3)
+    assert first == corpus.generate_documents(60, seed=3)
+    assert first[:30] == corpus.generate_documents(30, seed=3)  # a longer list extends a shorter
+    assert first != corpus.generate_documents(60, seed=4)
+    assert first != corpus.generate_documents(60, seed=3, split="probe")
+    assert {document.kind for document in first} == set(corpus.KINDS)
+    assert all(document.text.startswith(document.prompt + document.answer) for document in first)
+
+
+def test_the_corpus_holds_nothing_of_the_procedural_suite():
+    text = "\n".join(document.text for document in corpus.generate_documents(3000, seed=0))
+    tool_names = {tool.name for domain in DOMAINS.values() for tool in domain.tools}
+    assert len(tool_names) >= 10
+    for name in tool_names:
+        assert not re.search(rf"\b{re.escape(name)}\b", text), name
+    for markup in (SYSTEM_PROMPT, *QWEN3_ADDED_TOKENS, "<tools>", '"arguments"', "# Tools"):
+        assert markup not in text, markup
+    # No request template's fixed words (the text before its first placeholder, when long).
+    for _, kind in all_kinds().values():
+        for template in kind.templates:
+            fixed = template.split("{")[0].strip()
+            if len(fixed) >= 12:
+                assert fixed not in text, fixed
+
+
+# --- the tokenizer's pattern option ------------------------------------------------------------
+
+TEXTS = [
+    'The code is EUR and the name is pimo. {"code": "EUR", "name": "pimo"}',
+    'Send 12.5 EUR to pimo. {"amount": 12.5, "currency": "EUR", "to": "pimo"}',
+] * 20
+
+
+def _value_ids(tokenizer, value: str) -> tuple[list[int], list[int]]:
+    """The ids `value` takes after a space in prose and after a quote in JSON."""
+    prose = tokenizer.encode(f"is {value} and")
+    json_text = tokenizer.encode(json.dumps({"k": value}))
+    return prose, json_text
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_split_space_gives_a_value_the_same_tokens_in_prose_and_json(tmp_path):
+    tokenizer = train_tokenizer(TEXTS, 320, tmp_path, from_files=False, pattern="split_space")
+    for value in ("EUR", "pimo"):
+        value_ids = tokenizer.encode(value)
+        prose, json_ids = _value_ids(tokenizer, value)
+        assert _contains(prose, value_ids) and _contains(json_ids, value_ids), value
+    assert json.loads((tmp_path / "cacherl_tokenizer.json").read_text())["pattern"] == "split_space"
+    assert tokenizer.encode("12.5") == [tokenizer.token_id(c) for c in "12.5"]  # digits single
+
+
+def test_the_default_pattern_is_qwen3s(tmp_path):
+    tokenizer = train_tokenizer(TEXTS, 320, tmp_path, from_files=False)
+    prose, _ = _value_ids(tokenizer, "EUR")
+    assert tokenizer.decode(prose[1:2]) == " EUR"  # the word carries its space, as in Qwen3
+    assert json.loads((tmp_path / "cacherl_tokenizer.json").read_text())["pattern"] == "qwen"
+    with pytest.raises(ValueError, match="unknown pattern"):
+        train_tokenizer(TEXTS, 320, tmp_path, from_files=False, pattern="nope")
+
+
+# --- the text format -----------------------------------------------------------------------------
+
+
+def test_text_examples_train_every_token_and_end_the_document(tmp_path):
+    path = corpus.write_corpus(tmp_path / "c.jsonl", corpus.generate_documents(4, seed=0))
+    texts = pipeline.load_texts(path)
+    tokenizer = train_tokenizer(texts, 300, tmp_path / "tokenizer", from_files=False)
+    (example,) = pipeline.text_examples(texts[:1], tokenizer)
+    assert example["token_ids"].tolist() == [*tokenizer.encode(texts[0]), tokenizer.pad_id]
+    assert example["loss_mask"].all() and not example["thinking_mask"].any()
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        pipeline.load_texts(tmp_path / "bad.jsonl")
+
+
+# --- the shipped base ----------------------------------------------------------------------------
+
+
+def test_the_pretraining_config_trains_every_token_of_text_documents():
+    assert sft_configs.get_config("tiny_pretrain").data.format == "text"
+    assert sft_configs.get_config("tiny").data.format == "trajectories"
+
+
+# --- a toy build ---------------------------------------------------------------------------------
+
+
+def test_a_toy_build_produces_a_loadable_base(tmp_path):
+    out = tmp_path / "base"
+    argv = [
+        "--steps", "20", "--documents", "200", "--tokenizer-tasks", "12", "--vocab-size", "400",
+        "--batch-size", "8", "--seq-len", "128", "--probe-documents", "0", "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+    record = build_tiny_base.build(build_tiny_base.parse_args(argv))
+    assert record["steps"] == 20 and np.isfinite(record["final_loss"])
+    assert record["corpus"]["documents"] == 200
+    tokenizer = load_tokenizer(out)
+    model, _ = load_hf_checkpoint(out)
+    assert model.hidden_size == presets.preset("tiny").hidden_size
+    assert tokenizer.vocab_size <= model.vocab_size
+    for name, digest in record["sha256"].items():
+        assert _sha256(out / name) == digest
