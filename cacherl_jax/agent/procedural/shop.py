@@ -18,7 +18,7 @@ from cacherl_jax.agent.procedural.domain import (
     require,
 )
 
-# Countable items whose plural is the name plus "s", so templates can say "{quantity} {item}s".
+# Countable items (requests name them quoted: "{quantity} of {item}").
 ITEMS = (
     "apple", "pear", "pen", "cup", "lamp", "book",
     "plate", "candle", "card", "brush", "towel", "spoon",
@@ -157,12 +157,12 @@ DOMAIN = Domain(
         TaskKind(
             "shop.buy",
             (
-                "Buy {quantity} {item}s.",
-                "Please purchase {quantity} {item}s for me.",
-                "I want {quantity} {item}s. Buy them and tell me my balance.",
-                "Get me {quantity} {item}s from the shop.",
-                "Order {quantity} {item}s, please.",
-                "Purchase {quantity} {item}s and say what is left.",
+                "Buy {quantity} of {item}.",
+                "Please purchase {quantity} of {item} for me.",
+                "I want {quantity} of {item}. Buy them and tell me my balance.",
+                "Get me {quantity} of {item} from the shop.",
+                "Order {quantity} of {item}, please.",
+                "Purchase {quantity} of {item} and say what is left.",
             ),
             tuple(itertools.product(ITEMS, QUANTITIES)),
             _setup_item_quantity,
@@ -185,12 +185,12 @@ DOMAIN = Domain(
         TaskKind(
             "shop.buy_all",
             (
-                "Buy all the {item}s in stock.",
+                "Buy all the {item} in stock.",
                 "Purchase every {item} the shop has.",
-                "I want all remaining {item}s. Buy them.",
+                "I want all remaining {item}. Buy it.",
                 "Check the {item} stock and buy all of it.",
-                "Clear out the {item}s: buy every one.",
-                "Get me the whole stock of {item}s.",
+                "Clear out the {item}: buy every one.",
+                "Get me the whole stock of {item}.",
             ),
             tuple((item,) for item in ITEMS),
             _setup_item,

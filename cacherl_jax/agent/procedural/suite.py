@@ -77,6 +77,15 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
 
 
+def quoted(values: dict[str, Any]) -> dict[str, Any]:
+    """The request's values as its text shows them: strings in double quotes, as in a call's JSON.
+    Under a byte-level BPE with Qwen3's pre-tokenizer an unquoted word carries its leading space
+    (" EUR") while the same value in JSON does not ("EUR" after the quote), so a model would have
+    to learn, value by value, which token to write for the one it read; quoted, both are the same
+    tokens and the call copies them."""
+    return {key: f'"{value}"' if isinstance(value, str) else value for key, value in values.items()}
+
+
 def make_task(
     kind_name: str,
     split: str,
@@ -106,7 +115,7 @@ def make_task(
     values, world = kind.setup(rng, combo)
 
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": kind.templates[template].format(**values)})
+    messages.append({"role": "user", "content": kind.templates[template].format(**quoted(values))})
     task = Task(
         id=task_id,
         split=split,
