@@ -71,16 +71,22 @@ def _convert(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from cacherl_jax import pipeline_demo
 
-    pipeline_demo.run(
-        args.workdir,
-        train_tasks=args.train_tasks,
-        val_tasks=args.val_tasks,
-        sft_steps=args.sft_steps,
-        grpo_steps=args.grpo_steps,
-        seed=args.seed,
-        teacher=args.teacher,
-        eval_loop=args.eval_loop,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "workdir")}
+    for stage in ("sft", "grpo"):
+        if stage in options:
+            options[f"{stage}_overrides"] = dict(options.pop(stage))
+    pipeline_demo.run(args.workdir, **options)
+
+
+def _override(text: str) -> tuple[str, object]:
+    """`FIELD=VALUE` of `--sft` / `--grpo`: the value as JSON (numbers, true/false), else text."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (e.g. train.lr=3e-4), got {text!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
 
 
 def _check_model(args: argparse.Namespace) -> None:
@@ -221,18 +227,35 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "demo", help="the CacheRL pipeline in miniature on CPU (what `make demo` runs)"
     )
     demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--train-tasks", type=int, default=3000)
-    demo.add_argument("--val-tasks", type=int, default=48)
-    demo.add_argument("--sft-steps", type=int, default=400)
-    demo.add_argument("--grpo-steps", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
+    # Sizes left out take `pipeline_demo.run`'s defaults (the 15-minute miniature).
+    for flag, what in (
+        ("--train-tasks", "reference trajectories SFT trains on"),
+        ("--grpo-tasks", "other training tasks: GRPO's tasks and its cache's source"),
+        ("--val-tasks", "held-out validation tasks every stage is evaluated on"),
+        ("--sft-steps", "SFT optimizer steps"),
+        ("--grpo-steps", "GRPO steps"),
+        ("--seed", "seed of the data, the model and the sampling"),
+    ):
+        demo.add_argument(flag, type=int, default=argparse.SUPPRESS, help=what)
+    for stage in ("sft", "grpo"):
+        demo.add_argument(
+            f"--{stage}",
+            type=_override,
+            action="append",
+            default=argparse.SUPPRESS,
+            metavar="FIELD=VALUE",
+            help=f"set a field of the {stage.upper()} config (configs/{stage}.py:tiny), repeatable: "
+            "e.g. --grpo train.lr=6e-4",
+        )
     demo.add_argument(
-        "--teacher", default="template", help="configs/augment.py variant: template|endpoint|local"
+        "--teacher",
+        default=argparse.SUPPRESS,
+        help="configs/augment.py variant: template (default)|endpoint|local",
     )
     demo.add_argument(
         "--eval-loop",
         choices=["grpo", "default"],
-        default="grpo",
+        default=argparse.SUPPRESS,
         help="grpo: every stage evaluated alike with GRPO's evaluation loop; default: base and "
         "SFT with evaluate_checkpoint's longer loop, GRPO from its run's own validation",
     )

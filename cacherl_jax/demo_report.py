@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cacherl_jax.agent.outcome import TIERS
+from cacherl_jax.eval.taxonomy import BUCKETS, read_validation_records, taxonomy_table
 from cacherl_jax.model import Qwen3Config
 from cacherl_jax.train.metrics import read_metrics
 
@@ -33,9 +36,16 @@ STAGE_COLUMNS = (
 class DemoData:
     """What the stages train and are evaluated on."""
 
-    train_path: Path  # trajectories: the SFT data, the GRPO task set and the cache's source
+    train_path: Path  # trajectories: the SFT data
     validation: list  # the validation tasks every stage is evaluated on
     augment_summary: dict[str, Any] | None = None  # the teacher's run, when it added reasoning
+    # The GRPO task set and the tool cache's source: reference trajectories of training tasks SFT
+    # did not see (None: the SFT data, for a reused SFT run from before they were kept apart).
+    grpo_path: Path | None = None
+
+    @property
+    def rl_path(self) -> Path:
+        return self.grpo_path or self.train_path
 
 
 def log(message: str) -> None:
@@ -105,6 +115,49 @@ def plot_grpo(run_dir: Path, out_dir: Path) -> list[Path]:
     return written
 
 
+def taxonomy_section(workdir: Path, stages: Iterable[str]) -> list[str]:
+    """A table of each stage's validation failures by bucket (`cacherl_jax.eval.taxonomy`), from
+    the `validation_<stage>.jsonl` records the evaluations wrote; [] without records."""
+    rows = []
+    for stage in stages:
+        path = workdir / f"validation_{stage}.jsonl"
+        if path.exists():
+            records = read_validation_records(path)
+            counts = taxonomy_table(records)
+            successes = sum(bool(r["success"]) for r in records)
+            cells = [str(len(records)), str(successes), *map(str, counts.values())]
+            rows.append(f"| {stage} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    header = "| stage | tasks | succeeded | " + " | ".join(BUCKETS) + " |"
+    rule = "|---" * (len(BUCKETS) + 3) + "|"
+    return ["Validation failures by kind (first rule that applies):", "", header, rule, *rows, ""]
+
+
+def tier_section(run_dir: Path) -> list[str]:
+    """The GRPO run's rollouts by worst cache tier and the live agreement of each tier's cached
+    calls, summed over its steps (`train.tier_fidelity`); [] without a GRPO run."""
+    records = [r for r in read_metrics(run_dir) if "loop/rollouts" in r]
+    if not records:
+        return []
+    rollouts = sum(r["loop/rollouts"] for r in records)
+    rows = [
+        "| tier | rollouts (by worst tier) | cached calls | live agreement |",
+        "|---|---|---|---|",
+    ]
+    for tier in TIERS:
+        share = sum(r[f"tier/{tier}_fraction"] * r["loop/rollouts"] for r in records) / rollouts
+        calls = sum(r.get(f"loop/calls_{tier}", 0) for r in records)
+        replayed = sum(r.get(f"fidelity/{tier}_calls", 0) for r in records)
+        agreed = sum(
+            r.get(f"fidelity/{tier}_agreement", 0) * r.get(f"fidelity/{tier}_calls", 0)
+            for r in records
+        )
+        agreement = f"{agreed / replayed:.2f}" if replayed else "n/a"
+        rows.append(f"| {tier} | {share:.2f} | {calls:.0f} | {agreement} |")
+    return ["GRPO rollouts by cache tier, over all steps:", "", *rows, ""]
+
+
 def _summary_line(sft_summary: dict[str, Any], grpo_summary: dict[str, Any], ran_grpo: bool) -> str:
     line = f"SFT final loss {sft_summary.get('loss', float('nan')):.4f}"
     if ran_grpo:
@@ -143,6 +196,8 @@ def write_report(
         "",
         _summary_line(sft_summary, grpo_summary, options["run_grpo"]) + ".",
         "",
+        *taxonomy_section(workdir, stages),
+        *tier_section(workdir / "grpo"),
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",
     ]

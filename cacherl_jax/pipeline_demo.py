@@ -39,11 +39,29 @@ from cacherl_jax.chat import load_tokenizer
 from cacherl_jax.data.thinking import augment
 from cacherl_jax.demo_report import DemoData, log, plot_grpo, write_report
 from cacherl_jax.eval.suite import evaluate_checkpoint
+from cacherl_jax.eval.taxonomy import write_validation_records
 from cacherl_jax.model import Qwen3Config, init_params, presets, save_hf_checkpoint
 from cacherl_jax.train import grpo, sft
 from cacherl_jax.train.metrics import read_metrics
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# The demo's settings over the tiny configs, set before a caller's overrides. The longest
+# procedural trajectories (3-4 calls with the teacher's reasoning) render to ~700 tokens, so
+# 512-token rows and rollouts would cut 4 of the 16 task kinds before their answer. Small batches
+# and a high peak learning rate after a warmup: optimizer steps, not tokens, decide when the tiny
+# model starts copying values (docs/demo.md has the measurements).
+SFT_SETTINGS: dict[str, Any] = {
+    "data.seq_len": 768,
+    "data.batch_size": 4,
+    "train.lr": 8e-3,
+    "train.warmup_steps": 100,
+}
+LOOP_SHAPE: dict[str, Any] = {"loop.max_len": 768, "loop.cache_len": 2304}
+# GRPO's tasks (and the cache built from their reference trajectories) are training tasks SFT did
+# not see: the tiny model memorises its SFT tasks in a few epochs, and GRPO on those would find
+# every group solved alike (no signal).
+GRPO_DATA = "grpo.raw.jsonl"
 
 
 def load_config(name: str, arg: str):
@@ -54,9 +72,13 @@ def load_config(name: str, arg: str):
 
 
 def _eval_stage(
-    checkpoint: Path, tasks, seed: int, loop_config: LoopConfig | None = None
+    checkpoint: Path, tasks, seed: int, loop_config: LoopConfig | None, records: Path
 ) -> dict[str, float]:
-    metrics, _ = evaluate_checkpoint(str(checkpoint), tasks, seed=seed, loop_config=loop_config)
+    """The stage's metrics; its per-task results go to `records` (one JSON line per task)."""
+    metrics, results = evaluate_checkpoint(
+        str(checkpoint), tasks, seed=seed, loop_config=loop_config
+    )
+    write_validation_records(records, tasks, results)
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -97,18 +119,21 @@ def evaluate_stage(
     seed: int,
     loop_config: LoopConfig | None = None,
     *,
+    records: str | Path,
     memo: bool = False,
 ) -> dict[str, float]:
     """`eval/`-prefixed metrics of an HF checkpoint on `tasks` (greedy, live tools, the default
-    reward). `loop_config` None: `evaluate_checkpoint`'s own loop settings.
+    reward); every task's result, call by call, goes to `records` (JSONL,
+    `cacherl_jax.eval.taxonomy.validation_record`). `loop_config` None: `evaluate_checkpoint`'s
+    own loop settings.
 
-    memo: the result is remembered in `stage_eval.json` beside the checkpoint directory, keyed by
-    the checkpoint's files, the tasks, the seed and the loop settings, so a later run evaluating
-    the same model the same way (an ablation reusing an SFT stage) reads it instead of
-    recomputing it."""
-    checkpoint = Path(checkpoint)
+    memo: the result is remembered in `stage_eval.json` beside the checkpoint directory (the
+    records beside it too), keyed by the checkpoint's files, the tasks, the seed and the loop
+    settings, so a later run evaluating the same model the same way (an ablation reusing an SFT
+    stage) reads it instead of recomputing it."""
+    checkpoint, records = Path(checkpoint), Path(records)
     if not memo:
-        return _eval_stage(checkpoint, tasks, seed, loop_config)
+        return _eval_stage(checkpoint, tasks, seed, loop_config, records)
     identity = {
         "checkpoint": _checkpoint_digest(checkpoint),
         "tasks": [task.to_dict() for task in tasks],
@@ -117,11 +142,15 @@ def evaluate_stage(
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     memo_path = checkpoint.parent / "stage_eval.json"
+    memo_records = checkpoint.parent / f"stage_eval.{key[:16]}.jsonl"
     memos = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-    if key in memos:
+    if key in memos and memo_records.exists():
         log(f"{checkpoint}: evaluated before with the same settings ({memo_path})")
+        records.parent.mkdir(parents=True, exist_ok=True)
+        records.write_bytes(memo_records.read_bytes())
         return memos[key]
-    metrics = _eval_stage(checkpoint, tasks, seed, loop_config)
+    metrics = _eval_stage(checkpoint, tasks, seed, loop_config, memo_records)
+    records.write_bytes(memo_records.read_bytes())
     memos[key] = metrics
     partial = memo_path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(memos, indent=2))
@@ -173,9 +202,10 @@ def run(
     workdir: str | Path,
     *,
     train_tasks: int = 3000,
-    val_tasks: int = 48,
-    sft_steps: int = 400,
-    grpo_steps: int = 16,
+    grpo_tasks: int = 1000,
+    val_tasks: int = 96,
+    sft_steps: int = 1000,
+    grpo_steps: int = 20,
     seed: int = 0,
     teacher: str = "template",
     reasoning: bool = True,
@@ -221,6 +251,7 @@ def run(
         data = prepare_data(
             workdir / "data",
             train_tasks,
+            grpo_tasks,
             val_tasks,
             seed,
             teacher=teacher,
@@ -307,6 +338,7 @@ def run(
 def prepare_data(
     data_dir: Path,
     train_tasks: int,
+    grpo_tasks: int,
     val_tasks: int,
     seed: int,
     *,
@@ -315,19 +347,25 @@ def prepare_data(
     thinking: bool,
     clock: _Stopwatch,
 ) -> DemoData:
-    """Reference trajectories of `train_tasks` procedural tasks and the validation tasks; with
+    """Reference trajectories of `train_tasks` procedural tasks (SFT's), of `grpo_tasks` more
+    (GRPO's tasks and cache) and the validation tasks; with
     `reasoning`, the teacher adds reasoning to every step (without `thinking` every record is kept
     without it). Laps `data_s`, then `augment_s` when the teacher ran."""
     data_dir.mkdir(exist_ok=True)
     raw_path, train_path = data_dir / "train.raw.jsonl", data_dir / "train.jsonl"
-    tasks = generate_tasks("train", train_tasks, seed)
-    write_trajectories(raw_path, tasks, reasoning=False)
+    grpo_path = data_dir / GRPO_DATA
+    tasks = generate_tasks("train", train_tasks + grpo_tasks, seed)
+    write_trajectories(raw_path, tasks[:train_tasks], reasoning=False)
+    write_trajectories(grpo_path, tasks[train_tasks:], reasoning=False)
     validation = generate_tasks("validation", val_tasks, seed)
-    log(f"{len(tasks)} reference trajectories -> {raw_path}; {len(validation)} validation tasks")
+    log(
+        f"{train_tasks} reference trajectories for SFT -> {raw_path}, {grpo_tasks} for GRPO and "
+        f"its cache -> {grpo_path}; {len(validation)} validation tasks"
+    )
     clock.lap("data_s")
     if not reasoning:
         log(f"no teacher reasoning: SFT on the reference trajectories as generated ({raw_path})")
-        return DemoData(raw_path, validation)
+        return DemoData(raw_path, validation, grpo_path=grpo_path)
 
     # Knowledge transfer: reasoning for every step (the offline template teacher by default).
     augment_config = load_config("augment", teacher)
@@ -338,7 +376,7 @@ def prepare_data(
     augment_summary = augment(augment_config, progress=False)
     log(f"reasoning added ({teacher} teacher) -> {train_path}")
     clock.lap("augment_s")
-    return DemoData(train_path, validation, augment_summary)
+    return DemoData(train_path, validation, augment_summary, grpo_path)
 
 
 def train_sft(
@@ -359,7 +397,7 @@ def train_sft(
     config.train.checkpoint_every = max(sft_steps // 2, 1)
     if not thinking:
         config.data.enable_thinking = False
-    apply_overrides(config, overrides, name="SFT config")
+    apply_overrides(config, {**SFT_SETTINGS, **(overrides or {})}, name="SFT config")
     steps, batch_size, seq_len = config.train.steps, config.data.batch_size, config.data.seq_len
     log(f"SFT: {steps} steps of {batch_size} x {seq_len} tokens")
     return _with_last_logged(sft_dir, sft.train(config, sft_dir, progress=True), "loss")
@@ -383,10 +421,13 @@ def reuse_sft(
             f"{reused['data'].get('enable_thinking')}, which does not fit thinking={thinking}"
         )
     train_path = Path(reused["data"]["train"])
+    grpo_path = train_path.parent / GRPO_DATA
     summary = _with_last_logged(sft_dir, {"reused": str(sft_dir)}, "loss")
     validation = generate_tasks("validation", val_tasks, seed)
     log(f"SFT stage reused from {sft_dir} (data {train_path}); {len(validation)} validation tasks")
-    return DemoData(train_path, validation), summary
+    return DemoData(
+        train_path, validation, grpo_path=grpo_path if grpo_path.exists() else None
+    ), summary
 
 
 def configure_grpo(
@@ -405,9 +446,9 @@ def configure_grpo(
     config = load_config("grpo", "tiny")
     config.seed = seed
     config.model.checkpoint = str(sft_hf)
-    config.cache.build_from = str(data.train_path)
+    config.cache.build_from = str(data.rl_path)
     config.tasks.source = "jsonl"
-    config.tasks.path = str(data.train_path)
+    config.tasks.path = str(data.rl_path)
     config.tasks.n = 0
     config.eval_tasks.n = val_tasks
     config.eval_tasks.seed = seed
@@ -415,7 +456,7 @@ def configure_grpo(
     config.train.eval_every = 0
     if not thinking:
         config.loop.enable_thinking = False
-    apply_overrides(config, overrides, name="GRPO config")
+    apply_overrides(config, {**LOOP_SHAPE, **(overrides or {})}, name="GRPO config")
     if eval_loop == "grpo":
         stage_loop = grpo.loop_config(config, evaluation=True)
         config.eval_tasks.n = 0  # every stage is evaluated by `run`, the same way
@@ -451,10 +492,15 @@ def evaluate_base_and_sft(
             save_hf_checkpoint(model, init_params(model, jax.random.key(seed)), base_hf)
             (base_hf / "tokenizer.json").write_bytes((sft_hf / "tokenizer.json").read_bytes())
         log("evaluating the base and SFT models (greedy, live tools)")
-        stages["base"] = evaluate_stage(base_hf, validation, seed, stage_loop, memo=memo)
+        stages["base"] = evaluate_stage(
+            base_hf, validation, seed, stage_loop, records=workdir / "validation_base.jsonl",
+            memo=memo,
+        )  # fmt: skip
     else:
         log("evaluating the SFT model (greedy, live tools)")
-    stages["sft"] = evaluate_stage(sft_hf, validation, seed, stage_loop, memo=memo)
+    stages["sft"] = evaluate_stage(
+        sft_hf, validation, seed, stage_loop, records=workdir / "validation_sft.jsonl", memo=memo
+    )
     return stages
 
 
@@ -484,6 +530,9 @@ def train_grpo(
         clock.lap("grpo_s")
         return summary, stage
     clock.lap("grpo_s")
-    stage = evaluate_stage(grpo_dir / "hf", validation, seed, stage_loop, memo=memo)
+    records = grpo_dir.parent / "validation_grpo.jsonl"
+    stage = evaluate_stage(
+        grpo_dir / "hf", validation, seed, stage_loop, records=records, memo=memo
+    )
     clock.lap("grpo_eval_s")
     return summary, stage
