@@ -1,41 +1,48 @@
 """CPU smoke ablation of a 1.1M-parameter model on the procedural suite (not the paper's result).
 
 The paper's stage table and ablation table, in shape only: the same stages and variants, run with
-the tiny Qwen3 of `configs/sft.py:tiny` (4 layers, hidden 128; 1.1M parameters with the default
-preset's 1024-token vocabulary) for a few hundred SFT steps and a handful of GRPO steps on the
-procedural task suite, over seeds, with mean +- std, sized for 2 CPU cores. It checks that the
-pipeline and every ablation run end to end and are evaluated alike; its numbers are not the
-paper's result and say nothing about models at the paper's scale. Every table it writes says so
-in its title.
+the tiny Qwen3 of `configs/sft.py:tiny` (4 layers, hidden 128; 1.1M parameters with a 1024-token
+vocabulary) at the size of `cacherl demo` on the procedural task suite, over seeds, with mean +-
+std and paired differences, sized for 2 CPU cores. Its numbers are not the paper's result and say
+nothing about models at the paper's scale. Every table it writes says so in its title.
 
-    .venv/bin/python experiments/reproduce_paper.py                  # seeds 0 1 2, ~1 hour
+    .venv/bin/python experiments/reproduce_paper.py                  # seeds 0 1 2 (see PRESETS)
+    .venv/bin/python experiments/reproduce_paper.py --seeds 2        # one more seed, later
     .venv/bin/python experiments/reproduce_paper.py --preset quick   # a few minutes, for tests
-    .venv/bin/python experiments/reproduce_paper.py --preset long    # ~4 hours (see PRESETS)
 
 For every seed it runs the pipeline of `cacherl demo` (`cacherl_jax.pipeline_demo.run`) and its
-ablations:
+ablations (`--variants`, default all but no_kl):
 
-  full          teacher reasoning (template teacher), thinking, SFT, GRPO with a KL term
-                (beta = --beta, 0.04 by default), the three-tier cache and the tier-aware reward
-  no_reasoning  SFT on the reference trajectories without the teacher's reasoning
-  no_thinking   no thinking blocks anywhere: SFT data without reasoning, rendered, sampled and
-                evaluated with enable_thinking=False
-  exact_only    GRPO with an exact-only cache (cache.exact_only=True: every non-exact call
-                gets the "no recorded result" response)
-  fixed_weight  GRPO with the fixed-weight reward (reward.tier_aware=False: a=0.60 every tier)
-  no_kl         GRPO without the KL term (grpo.beta=0)
-  sft_only      no GRPO: the full pipeline's SFT model
+  full            teacher reasoning (template teacher), thinking, SFT, GRPO with a KL term
+                  (beta = --beta, 0.04 by default), the three-tier cache, the paper's tier-aware
+                  reward
+  no_reasoning    SFT on the reference trajectories without the teacher's reasoning
+  no_thinking     no thinking blocks anywhere: SFT data without reasoning, rendered, sampled and
+                  evaluated with enable_thinking=False
+  exact_only      GRPO with an exact-only cache (cache.exact_only=True: every non-exact call
+                  gets the "no recorded result" response)
+  fixed_weight    GRPO with the fixed-weight reward (reward.tier_aware=False: a=0.60 every tier)
+  matched_reward  GRPO with reward.tier_rule=matched (only calls matching a reference call set
+                  the tier's weight: a wrong call that misses the cache is not paid more)
+  live_tools      GRPO whose rollouts call the live tools (loop.mode=live): the paper's claim
+                  that cache-answered rollouts train as well
+  no_kl           GRPO without the KL term (grpo.beta=0)
+  sft_only        no GRPO: the full pipeline's SFT model
 
-Variants that differ only in the GRPO stage reuse the full run's SFT stage (per seed: 3 SFT runs
--- full, no_reasoning, no_thinking -- and 6 GRPO runs). Every stage is evaluated the same way:
-greedy, live tools, the default reward, with the GRPO config's evaluation loop settings, on the
-seed's validation tasks; an evaluation of the same checkpoint is computed once and remembered.
+Variants that differ only in the GRPO stage reuse the full run's SFT stage of the same seed. Every
+stage is evaluated the same way: greedy, live tools, the default reward, with the GRPO config's
+evaluation loop settings, on the seed's validation tasks; an evaluation of the same checkpoint is
+computed once and remembered.
 
-Resumable: each (seed, variant) writes `WORKDIR/seed<S>/<variant>/result.json` when done and a
-rerun skips it (an interrupted one resumes its SFT/GRPO checkpoints). Checkpoints and data stay
-under --workdir; --out gets only small files: stage_table.md, ablation_table.md, results.json
-(every per-seed number, sizes, timings, git commit, the exact command) and README.md. Prints
-progress, the tables and, last, one JSON line with the headline figures.
+Resumable: each (seed, variant) writes `WORKDIR/seed<S>/<variant>/result.json` when done, and
+copies it with the run's per-step metrics and per-task validation records to
+`OUT/runs/seed<S>/<variant>/`; a rerun skips what either holds (so a later session whose workdir
+is gone continues from the committed results; run whole seeds at a time, since the ablations of
+a seed reuse its full run's SFT checkpoint). Checkpoints and data stay under --workdir; --out gets
+only small files: stage_table.md, ablation_table.md, claims.md (cache vs live tools, the reward
+rules, the tiers and their live agreement), results.json (every per-seed number, sizes, timings,
+git commit, the exact command), README.md and runs/ (the notebook's input). Prints progress, the
+tables and, last, one JSON line with the headline figures.
 """
 
 from __future__ import annotations
@@ -43,7 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import shlex
@@ -58,34 +64,37 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python experiments/reproduce_paper.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from cacherl_jax import demo_report, pipeline_demo  # noqa: E402
+from cacherl_jax import pipeline_demo  # noqa: E402
 from cacherl_jax.model import count_params, init_params, read_config  # noqa: E402
 from cacherl_jax.train.metrics import read_metrics  # noqa: E402
+from experiments import paper_tables as tables_lib  # noqa: E402
 
-# Sizes per preset; every one is also a flag. `default` is sized for ~57 min on 2 quiet CPU cores
-# (see `estimate_seconds`), `quick` for a test of a few minutes.
+# Sizes per preset; every one is also a flag. `quick` is sized for a test of a few minutes.
 PRESETS: dict[str, dict[str, int]] = {
+    # The size of `cacherl demo` (pipeline_demo.run's defaults): ~2.5 hours for three seeds on 2
+    # quiet CPU cores with the default variants (see `estimate_seconds`).
     "default": dict(
         train_tasks=3000,
-        val_tasks=48,
-        sft_steps=200,
-        grpo_steps=6,
+        grpo_tasks=1000,
+        val_tasks=96,
+        sft_steps=1000,
+        grpo_steps=20,
         tasks_per_step=8,
         group_size=4,
     ),
-    # Long enough for the SFT model to learn to copy values from the request into its calls (the
-    # SFT loss drops between ~800 and ~1,300 steps; docs/demo.md "What GRPO does at CPU scale"), which
-    # the default's 200 steps are not: ~4 hours.
+    # Twice the GRPO steps, half again the SFT steps: ~3.5 hours for three seeds.
     "long": dict(
         train_tasks=3000,
-        val_tasks=48,
+        grpo_tasks=1000,
+        val_tasks=96,
         sft_steps=1500,
-        grpo_steps=30,
+        grpo_steps=40,
         tasks_per_step=8,
         group_size=4,
     ),
     "quick": dict(
         train_tasks=120,
+        grpo_tasks=40,
         val_tasks=8,
         sft_steps=8,
         grpo_steps=2,
@@ -100,12 +109,18 @@ PRESETS: dict[str, dict[str, int]] = {
 PRESET_SFT_OVERRIDES: dict[str, dict[str, Any]] = {
     "default": {},
     "long": {},
-    "quick": {"tokenizer.train_vocab_size": 512},
+    # The quick preset keeps 512-token rows and rollouts (its tasks are cut anyway): small shapes.
+    "quick": {"tokenizer.train_vocab_size": 512, "data.seq_len": 512, "data.batch_size": 8},
 }
 PRESET_GRPO_OVERRIDES: dict[str, dict[str, Any]] = {
     "default": {},
     "long": {},
-    "quick": {"loop.max_new_tokens": 32, "loop.max_turns": 3},
+    "quick": {
+        "loop.max_new_tokens": 32,
+        "loop.max_turns": 3,
+        "loop.max_len": 512,
+        "loop.cache_len": 1536,
+    },
 }
 SIZE_FLAGS = tuple(PRESETS["default"])
 DEFAULT_BETA = 0.04  # the full pipeline's KL coefficient (configs/grpo.py:tiny has 0.0)
@@ -116,15 +131,16 @@ EXACT_ONLY_NOTE = (
     "best-effort (answer weight 0.10 in the tier-aware reward), as for a tool never seen."
 )
 
-# (eval metric key, column title) of the tables.
-STAGE_COLUMNS = demo_report.STAGE_COLUMNS
-ABLATION_COLUMNS = STAGE_COLUMNS[:3]
-TRAIN_KEYS = (
-    "reward/total",
-    "tier/exact_fraction",
-    "tier/fuzzy_fraction",
-    "tier/best_effort_fraction",
-    "kl_ref",
+# Small files of every (seed, variant) copied under OUT/runs/seed<S>/<variant>/ (the notebook's
+# input): (file under the run directory, name under OUT).
+RUN_FILES = (
+    ("result.json", "result.json"),
+    ("sft/metrics.jsonl", "sft_metrics.jsonl"),
+    ("grpo/metrics.jsonl", "grpo_metrics.jsonl"),
+    *(
+        (f"validation_{stage}.jsonl", f"validation_{stage}.jsonl")
+        for stage in ("base", "sft", "grpo")
+    ),
 )
 
 
@@ -168,6 +184,20 @@ VARIANTS = (
         "reward.tier_aware=False (answer weight 0.60 for every tier)",
         reuse_sft=True,
         grpo={"reward.tier_aware": False},
+    ),
+    Variant(
+        "matched_reward",
+        "matched-tier reward",
+        "reward.tier_rule=matched (only calls that match a reference call set the tier's weight)",
+        reuse_sft=True,
+        grpo={"reward.tier_rule": "matched"},
+    ),
+    Variant(
+        "live_tools",
+        "live tools",
+        "GRPO rollouts call the live tools instead of the cache: loop.mode=live",
+        reuse_sft=True,
+        grpo={"loop.mode": "live"},
     ),
     Variant("no_kl", "no KL", "grpo.beta=0", reuse_sft=True, grpo={"grpo.beta": 0.0}),
     Variant("sft_only", "SFT only", "no GRPO stage", reuse_sft=True, run_grpo=False),
@@ -228,12 +258,11 @@ def _log(message: str) -> None:
 # --- what this is ----------------------------------------------------------------------------
 
 
-def trained_model(plan: Plan) -> dict[str, Any]:
-    """The model the runs trained (the first seed's full run's SFT export): its parameter count
-    and shape."""
+def trained_model(checkpoint: Path) -> dict[str, Any]:
+    """The model a run trained (its SFT export): its parameter count and shape."""
     import jax
 
-    config = read_config(plan.run_dir(plan.seeds[0], "full") / "sft" / "hf")
+    config = read_config(checkpoint)
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     return {
         "params": count_params(params),
@@ -263,109 +292,24 @@ def smoke_note(plan: Plan, model: dict[str, Any]) -> str:
     )
 
 
-# --- statistics ------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float | None]) -> dict[str, Any]:
-    """Mean and sample standard deviation (n - 1; None for a single value) of the finite values."""
-    values = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
-
-
-def fmt(stat: dict[str, Any], signed: bool = False) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
-    return mean if stat["std"] is None else f"{mean} ± {stat['std']:.3f}"
-
-
-def _difference(a: dict, b: dict, key: str) -> float | None:
-    if a.get(key) is None or b.get(key) is None:
-        return None
-    return a[key] - b[key]
-
-
-def aggregate(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:
-    """Mean +- std over seeds: the full run's stages, each variant's final metrics, each
-    variant's per-seed difference to the full run, and the GRPO runs' training rollouts."""
-    full = per_seed["full"]
-    keys = [key for key, _ in STAGE_COLUMNS]
-    stages = {
-        stage: {key: mean_std([full[s]["stages"][stage].get(key) for s in seeds]) for key in keys}
-        for stage in ("base", "sft", "grpo")
-    }
-    variants, deltas, training = {}, {}, {}
-    for name in VARIANT_NAMES:
-        runs = per_seed[name]
-        variants[name] = {key: mean_std([runs[s]["final"].get(key) for s in seeds]) for key in keys}
-        deltas[name] = {
-            key: mean_std([_difference(runs[s]["final"], full[s]["final"], key) for s in seeds])
-            for key in keys
-        }
-        if runs[seeds[0]]["grpo_train"] is not None:
-            training[name] = {
-                key: mean_std([runs[s]["grpo_train"].get(key) for s in seeds]) for key in TRAIN_KEYS
-            }
-    return {"stages": stages, "variants": variants, "deltas": deltas, "grpo_train": training}
-
-
-# --- tables ----------------------------------------------------------------------------------
-
-
-def stage_table(summary: dict[str, Any]) -> str:
-    header = "| stage | " + " | ".join(title for _, title in STAGE_COLUMNS) + " |"
-    rule = "|---" * (len(STAGE_COLUMNS) + 1) + "|"
-    rows = [
-        f"| {label} | "
-        + " | ".join(fmt(summary["stages"][stage][key]) for key, _ in STAGE_COLUMNS)
-        + " |"
-        for stage, label in (("base", "base"), ("sft", "SFT"), ("grpo", "GRPO"))
-    ]
-    return "\n".join([header, rule, *rows])
-
-
-def ablation_table(summary: dict[str, Any]) -> str:
-    titles = []
-    for _, title in ABLATION_COLUMNS:
-        titles += [title, f"Δ {title}"]
-    header = "| variant | changes | " + " | ".join(titles) + " |"
-    rule = "|---" * (len(titles) + 2) + "|"
-    rows = []
-    for variant in VARIANTS:
-        cells = []
-        for key, _ in ABLATION_COLUMNS:
-            cells.append(fmt(summary["variants"][variant.name][key]))
-            cells.append(
-                "-" if variant.name == "full" else fmt(summary["deltas"][variant.name][key], True)
-            )
-        rows.append(f"| {variant.title} | {variant.changes} | " + " | ".join(cells) + " |")
-    return "\n".join([header, rule, *rows])
-
-
-def training_table(summary: dict[str, Any]) -> str:
-    rows = ["| variant | train reward | exact | fuzzy | best-effort |", "|---|---|---|---|---|"]
-    for variant in VARIANTS:
-        stats = summary["grpo_train"].get(variant.name)
-        if stats is not None:
-            cells = [fmt(stats[key]) for key in TRAIN_KEYS[:4]]
-            rows.append(f"| {variant.title} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
 # --- running ---------------------------------------------------------------------------------
 
 
 def train_summary(grpo_dir: Path) -> dict[str, Any]:
-    """Means over the GRPO run's steps of the training rollouts' reward, tier shares and KL to
-    the reference (0 without a KL term)."""
+    """Means over the GRPO run's steps of the training rollouts' reward, tier shares, KL to the
+    reference (0 without a KL term), reward by tier, tier fidelity and phase times; and the
+    best-effort share of the first and the last quarter of the steps (does GRPO learn to miss?)."""
     records = [r for r in read_metrics(grpo_dir) if "reward/total" in r]
     out: dict[str, Any] = {"steps": len(records)}
-    for key in TRAIN_KEYS:
-        values = [r[key] for r in records if key in r]
+    for key in (*tables_lib.TRAIN_KEYS, *tables_lib.STEP_KEYS):
+        # Phase times leave out the first step, which compiles (unless others follow it).
+        timed = records[1:] if key.startswith("time/") and len(records) > 1 else records
+        values = [r[key] for r in timed if r.get(key) is not None]
         out[key] = statistics.fmean(values) if values else None
+    quarter = max(len(records) // 4, 1)
+    for name, part in (("first", records[:quarter]), ("last", records[-quarter:])):
+        shares = [r["tier/best_effort_fraction"] for r in part if "tier/best_effort_fraction" in r]
+        out[f"best_effort_{name}_quarter"] = statistics.fmean(shares) if shares else None
     return out
 
 
@@ -376,6 +320,7 @@ def run_variant(plan: Plan, variant: Variant, seed: int) -> dict[str, Any]:
     out = pipeline_demo.run(
         run_dir,
         train_tasks=plan.sizes["train_tasks"],
+        grpo_tasks=plan.sizes["grpo_tasks"],
         val_tasks=plan.sizes["val_tasks"],
         sft_steps=plan.sizes["sft_steps"],
         grpo_steps=plan.sizes["grpo_steps"],
@@ -399,6 +344,7 @@ def run_variant(plan: Plan, variant: Variant, seed: int) -> dict[str, Any]:
         "stages": stages,
         "final": stages["grpo" if "grpo" in stages else "sft"],
         "grpo_train": train_summary(run_dir / "grpo") if variant.run_grpo else None,
+        "model": trained_model(Path(out["options"]["sft_dir"]) / "hf"),
         "options": out["options"],
         "timings": {**out["timings"], "wall_s": time.perf_counter() - started},
         "run_dir": str(run_dir),
@@ -406,23 +352,58 @@ def run_variant(plan: Plan, variant: Variant, seed: int) -> dict[str, Any]:
     }
 
 
-def estimate_seconds(sizes: dict[str, int], seeds: int) -> float:
-    """Rough wall time on 2 quiet CPU cores, from per-unit costs measured on this code: SFT
-    0.65 s per step of 8 x 512 tokens, GRPO 0.31 s per rollout (~10 s per step of 8 tasks x G=4
-    with the KL reference pass), evaluation ~0.35 s per validation task (the GRPO evaluation
-    loop), 5 s to generate and augment 3000 trajectories, 0.7 s to build the cache from them;
-    compilation is paid about once with the persistent compilation cache, plus once per seed for
-    the variants without reasoning (their tokenizer, trained on less varied text, stops below
-    1024 tokens, so their shapes differ from the full run's). Per seed: 3 SFT runs (full,
-    no_reasoning, no_thinking), 6 GRPO runs, 10 evaluations (base; 3 SFT models; 6 GRPO models;
-    sft_only reads the full run's)."""
-    data = 0.0017 * sizes["train_tasks"]
-    sft = 0.65 * sizes["sft_steps"] + 15.0  # + tokenizer, rendering, checkpoints, export
+def out_run_dir(out_dir: Path, seed: int, variant: Variant) -> Path:
+    return out_dir / "runs" / f"seed{seed}" / variant.name
+
+
+def finished_result(plan: Plan, variant: Variant, seed: int, out_dir: Path) -> dict | None:
+    """The result of a (seed, variant) finished earlier with the same settings: from the workdir,
+    or from the results folder (a later session, whose workdir is gone, skips what an earlier one
+    committed). A result with other settings stops the run."""
+    for path in (
+        plan.run_dir(seed, variant.name) / "result.json",
+        out_run_dir(out_dir, seed, variant) / "result.json",
+    ):
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        if result["settings"] != plan.settings(variant):
+            raise SystemExit(
+                f"{path}: finished with other settings ({result['settings']}, now "
+                f"{plan.settings(variant)}); use another --workdir / --out or delete it"
+            )
+        return result
+    return None
+
+
+def export_run_files(run_dir: Path, target: Path) -> None:
+    """Copies a finished run's small files (result, per-step metrics, per-task validation
+    records) into the results folder."""
+    target.mkdir(parents=True, exist_ok=True)
+    for source, name in RUN_FILES:
+        if (run_dir / source).exists():
+            (target / name).write_bytes((run_dir / source).read_bytes())
+
+
+def estimate_seconds(sizes: dict[str, int], seeds: int, variants: list[Variant]) -> float:
+    """Rough wall time on 2 quiet CPU cores, from per-unit costs measured on this code: SFT 0.35 s
+    per step of the demo's 4 x 768 tokens, GRPO ~0.28 s per rollout (~9 s per step of 8 tasks x
+    G=4), evaluation ~0.45 s per validation task (the GRPO evaluation loop), ~3 s to generate and
+    augment 4000 trajectories; compilation is paid about once with the persistent compilation
+    cache, plus once per seed for the variants without reasoning (their tokenizer, trained on less
+    varied text, can stop below 1024 tokens, so their shapes differ from the full run's). Per
+    seed: an SFT run per variant that trains one, a GRPO run and an evaluation per variant with
+    GRPO, and the base and SFT evaluations."""
+    data = 0.00075 * (sizes["train_tasks"] + sizes["grpo_tasks"])
+    sft = 0.35 * sizes["sft_steps"] + 15.0  # + tokenizer, rendering, checkpoints, export
     rollouts = sizes["tasks_per_step"] * sizes["group_size"]
-    grpo = 0.31 * rollouts * sizes["grpo_steps"] + 8.0  # + loading, cache, export
-    evaluation = 0.35 * sizes["val_tasks"] + 2.0
+    grpo = 0.28 * rollouts * sizes["grpo_steps"] + 8.0  # + loading, cache, export
+    evaluation = 0.45 * sizes["val_tasks"] + 2.0
+    sft_runs = sum(not v.reuse_sft for v in variants)
+    grpo_runs = sum(v.run_grpo for v in variants)
+    per_seed = sft_runs * (data + sft) + grpo_runs * grpo + (1 + sft_runs + grpo_runs) * evaluation
     compile_once, compile_per_seed = 90.0, 45.0
-    return compile_once + seeds * (compile_per_seed + 3 * (data + sft) + 6 * grpo + 10 * evaluation)
+    return compile_once + seeds * (compile_per_seed + per_seed)
 
 
 def git_state() -> dict[str, Any]:
@@ -444,6 +425,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in SIZE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None,
                             help=f"default: the preset's ({PRESETS['default'][flag]} in default)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANT_NAMES,
+        default=[name for name in VARIANT_NAMES if name != "no_kl"],
+        help="the variants to run (full always runs: the others are compared with it)",
+    )
     parser.add_argument("--beta", type=float, default=DEFAULT_BETA, help="the full run's KL term")
     parser.add_argument("--teacher", default="template", help="configs/augment.py variant")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "reproduce"))
@@ -486,37 +474,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     arguments = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(sys.orig_argv if argv is None else [sys.executable, __file__, *arguments])
-    estimate = estimate_seconds(sizes, len(plan.seeds))
+    variants = [v for v in VARIANTS if v.name == "full" or v.name in args.variants]
+    estimate = estimate_seconds(sizes, len(plan.seeds), variants)
     _log(
         f"CPU smoke ablation (not the paper's result): seeds {list(plan.seeds)}, sizes {sizes}, "
-        f"beta {plan.beta}: {len(VARIANTS)} variants per seed (estimate ~{estimate / 60:.0f} min "
+        f"beta {plan.beta}: {len(variants)} variants per seed (estimate ~{estimate / 60:.0f} min "
         "on 2 quiet CPU cores); runs under "
         f"{plan.workdir}"
     )
 
     git = git_state()  # the code this invocation imported, not what the tree holds when it ends
     started = time.perf_counter()
-    per_seed: dict[str, dict[int, dict]] = {name: {} for name in VARIANT_NAMES}
+    per_seed: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
     ran, skipped = [], []
     for index, seed in enumerate(plan.seeds):
-        for variant in VARIANTS:
+        for variant in variants:
             label = f"seed {seed} ({index + 1}/{len(plan.seeds)}) {variant.name}"
-            path = plan.run_dir(seed, variant.name) / "result.json"
-            if path.exists():
-                result = json.loads(path.read_text())
-                if result["settings"] != plan.settings(variant):
-                    raise SystemExit(
-                        f"{path}: finished with other settings ({result['settings']}, now "
-                        f"{plan.settings(variant)}); use another --workdir or delete it"
-                    )
+            result = finished_result(plan, variant, seed, out_dir)
+            if result is not None:
                 skipped.append(f"seed{seed}/{variant.name}")
-                _log(f"{label}: done earlier, skipped ({path})")
+                _log(f"{label}: done earlier, skipped")
             else:
                 _log(f"{label}: running ({variant.changes})")
                 result = run_variant(plan, variant, seed)
+                path = plan.run_dir(seed, variant.name) / "result.json"
                 partial = path.with_suffix(".json.tmp")
                 partial.write_text(json.dumps(result, indent=2, default=str))
                 partial.replace(path)
+                export_run_files(
+                    plan.run_dir(seed, variant.name), out_run_dir(out_dir, seed, variant)
+                )
                 ran.append(f"seed{seed}/{variant.name}")
                 _log(
                     f"{label}: done in {result['timings']['wall_s']:.0f} s, validation reward "
@@ -526,12 +513,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total_s = time.perf_counter() - started
 
     seeds = list(plan.seeds)
-    summary = aggregate(per_seed, seeds)
-    model = trained_model(plan)
+    summary = tables_lib.aggregate(per_seed, seeds)
+    model = per_seed["full"][seeds[0]]["model"]
     tables = {
-        "stage": stage_table(summary),
-        "ablation": ablation_table(summary),
-        "training": training_table(summary),
+        "stage": tables_lib.stage_table(summary),
+        "grpo_claim": tables_lib.grpo_claim(summary),
+        "ablation": tables_lib.ablation_table(summary, variants),
+        "training": tables_lib.training_table(summary, variants),
+        "fidelity": tables_lib.fidelity_table(summary),
+        "cache_vs_live": tables_lib.cache_vs_live_table(summary),
+        "reward_study": tables_lib.reward_study_table(summary),
     }
     run_info = {
         "command": command,
@@ -542,9 +533,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "estimate_s": estimate,
         "git": git,
     }
-    write_outputs(out_dir, plan, model, per_seed, summary, tables, run_info)
+    write_outputs(out_dir, plan, variants, model, per_seed, summary, tables, run_info)
     print(f"\n{title('', model)}\n", flush=True)
-    print(tables["stage"] + "\n\n" + tables["ablation"] + "\n", flush=True)
+    print(tables["stage"] + "\n\n" + tables["grpo_claim"] + "\n", flush=True)
+    print(tables["ablation"] + "\n", flush=True)
 
     headline: dict[str, Any] = {"preset": plan.preset, "seeds": seeds, "beta": plan.beta, **sizes}
     headline["model_params"] = model["params"]
@@ -553,7 +545,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headline[f"{stage}_reward_mean"] = stat["mean"]
         headline[f"{stage}_reward_std"] = stat["std"]
     headline["grpo_success_mean"] = summary["stages"]["grpo"]["eval/success_rate"]["mean"]
-    for name in VARIANT_NAMES[1:]:
+    for key in ("mean", "std"):
+        headline[f"grpo_minus_sft_reward_{key}"] = summary["grpo_minus_sft"][tables_lib.REWARD][key]
+    for name in list(per_seed)[1:]:
         headline[f"delta_reward_{name}"] = summary["deltas"][name]["eval/reward/total"]["mean"]
     headline.update(
         ran=len(ran),
@@ -569,6 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def write_outputs(
     out_dir: Path,
     plan: Plan,
+    variants: list[Variant],
     model: dict[str, Any],
     per_seed: dict[str, dict[int, dict]],
     summary: dict[str, Any],
@@ -590,7 +585,7 @@ def write_outputs(
         f"# {title('stage table', model)}\n\n"
         f"{note}\n\n"
         f"The full pipeline's stages. {how} Its GRPO stage has a KL term, beta = {plan.beta}.\n\n"
-        f"{tables['stage']}\n"
+        f"{tables['stage']}\n\n{tables['grpo_claim']}\n"
     )
     (out_dir / "ablation_table.md").write_text(
         f"# {title('ablation table', model)}\n\n"
@@ -602,6 +597,19 @@ def write_outputs(
         "cache tier was exact / fuzzy / best-effort.\n\n"
         f"{tables['training']}\n\n"
         f"Notes. Exact-only cache: {EXACT_ONLY_NOTE}\n"
+    )
+    (out_dir / "claims.md").write_text(
+        f"# {title('the cache, the reward and the tiers', model)}\n\n"
+        f"{note}\n\n{how}\n\n"
+        "## Cache-answered rollouts against live tools (same seeds, steps and SFT start)\n\n"
+        f"{tables['cache_vs_live']}\n\n"
+        "Phase times are seconds per GRPO step on this machine with instant tools; the cost of "
+        "real tools (100 ms and 1 s a call) is measured by `experiments/bench_grpo_step.py` "
+        "(`cache_vs_live_timing.md`).\n\n"
+        "## Does GRPO learn to miss the cache? The reward rules\n\n"
+        f"{tables['reward_study']}\n\n"
+        "## Cache tiers during GRPO (full pipeline) and their live agreement\n\n"
+        f"{tables['fidelity']}\n"
     )
     git = run_info["git"]
     machine = {
@@ -625,7 +633,7 @@ def write_outputs(
         "compute_s": compute_s,
         "variants": {
             v.name: {"title": v.title, "changes": v.changes, "settings": plan.settings(v)}
-            for v in VARIANTS
+            for v in variants
         },
         "per_seed": {name: {str(s): runs[s] for s in seeds} for name, runs in per_seed.items()},
         "summary": summary,
@@ -646,11 +654,16 @@ def write_outputs(
         f"{json.dumps(plan.sizes)}; seeds {seed_list}; beta {plan.beta} in the full run.\n\n"
         "## Stage table\n\n"
         f"{how}\n\n{tables['stage']}\n\n"
+        f"{tables['grpo_claim']}\n\n"
         "## Ablation table\n\n"
         f"{tables['ablation']}\n\n"
         f"{tables['training']}\n\n"
-        "Files: `stage_table.md`, `ablation_table.md`, `results.json` (every per-seed number, "
-        "the settings of each variant, timings, the command). Exact-only cache: "
+        "## Cache against live tools, the reward rules, the tiers\n\n"
+        f"{tables['cache_vs_live']}\n\n{tables['reward_study']}\n\n{tables['fidelity']}\n\n"
+        "Files: `stage_table.md`, `ablation_table.md`, `claims.md`, `results.json` (every per-seed "
+        "number, the settings of each variant, timings, the command), and under `runs/seed<S>/"
+        "<variant>/` each run's per-step metrics and per-task validation records (the notebook's "
+        "input). Exact-only cache: "
         f"{EXACT_ONLY_NOTE}\n"
     )
 

@@ -71,6 +71,22 @@ def shop_sft_run(tmp_path_factory):
     return shop_run.build(tmp_path_factory.mktemp("shop"))
 
 
+@pytest.fixture(scope="session")
+def quick_reproduction(tmp_path_factory, pytestconfig):
+    """(workdir, out, compile_cache, headline, stdout) of experiments/reproduce_paper.py at the
+    quick preset (tests/quick_reproduction.py), run once per session."""
+    import quick_reproduction
+
+    root = tmp_path_factory.mktemp("reproduce")
+    workdir, out = root / "runs", root / "results"
+    # JAX's persistent compilation cache (content-addressed) kept in pytest's cache directory, so
+    # later sessions skip most compilation; a fresh checkout compiles everything once.
+    cache = getattr(pytestconfig, "cache", None)  # None with -p no:cacheprovider
+    compile_cache = cache.mkdir("reproduce_xla_cache") if cache else root / "xla_cache"
+    headline, stdout = quick_reproduction.run(workdir, out, compile_cache)
+    return workdir, out, compile_cache, headline, stdout
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -5,12 +5,11 @@ skips the finished work."""
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
 import pytest
+from quick_reproduction import SEEDS, run
 
 from cacherl_jax.model import count_params, load_hf_checkpoint
 from cacherl_jax.pipeline_demo import apply_overrides
@@ -18,40 +17,24 @@ from cacherl_jax.pipeline_demo import apply_overrides
 # Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "reproduce_paper.py"
-SEEDS = (0, 1)
 VARIANTS = (
     "full",
     "no_reasoning",
     "no_thinking",
     "exact_only",
     "fixed_weight",
+    "matched_reward",
+    "live_tools",
     "no_kl",
     "sft_only",
 )
-GRPO_VARIANTS = ("full", "no_reasoning", "no_thinking", "exact_only", "fixed_weight", "no_kl")
+GRPO_VARIANTS = VARIANTS[:-1]
 METRICS = ("eval/reward/total", "eval/process_accuracy", "eval/success_rate")
 
 
-def _run(workdir: Path, out: Path, compile_cache: Path) -> tuple[dict, str]:
-    command = [sys.executable, str(SCRIPT), "--preset", "quick", "--seeds", *map(str, SEEDS)]
-    command += ["--workdir", str(workdir), "--out", str(out), "--compile-cache", str(compile_cache)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
-
-
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory, pytestconfig):
-    root = tmp_path_factory.mktemp("reproduce")
-    workdir, out = root / "runs", root / "results"
-    # JAX's persistent compilation cache (content-addressed) kept in pytest's cache directory, so
-    # later sessions skip most compilation; a fresh checkout compiles everything once.
-    cache = getattr(pytestconfig, "cache", None)  # None with -p no:cacheprovider
-    compile_cache = cache.mkdir("reproduce_xla_cache") if cache else root / "xla_cache"
-    headline, stdout = _run(workdir, out, compile_cache)
-    return workdir, out, compile_cache, headline, stdout
+def reproduced(quick_reproduction):
+    return quick_reproduction
 
 
 def _config(path: Path) -> dict:
@@ -174,6 +157,10 @@ def test_each_variant_ran_with_its_settings(reproduced):
             assert config["grpo"]["beta"] == (0.0 if name == "no_kl" else 0.04)
             assert config["reward"]["tier_aware"] is (name != "fixed_weight")
             assert config["cache"]["exact_only"] == (name == "exact_only")
+            assert config["reward"]["tier_rule"] == (
+                "matched" if name == "matched_reward" else "paper"
+            )
+            assert config["loop"]["mode"] == ("live" if name == "live_tools" else "cache")
             assert config["loop"]["enable_thinking"] is (False if name == "no_thinking" else None)
             # The ablations of the GRPO stage start from the full run's SFT model and data.
             own = name if name in sft else "full"
@@ -200,12 +187,33 @@ def test_each_variant_ran_with_its_settings(reproduced):
             assert _config(runs / name / "sft" / "hf" / "config.json")["vocab_size"] == 512
 
 
+def test_the_results_folder_keeps_each_runs_metrics_and_validation_records(reproduced):
+    workdir, out, _, _, _ = reproduced
+    for seed in SEEDS:
+        for name in VARIANTS:
+            run_dir, kept = workdir / f"seed{seed}" / name, out / "runs" / f"seed{seed}" / name
+            assert (kept / "result.json").read_bytes() == (run_dir / "result.json").read_bytes()
+            stages = ("sft",) if name == "sft_only" else ("sft", "grpo")
+            for stage in (*stages, "base") if name == "full" else stages:
+                records = (kept / f"validation_{stage}.jsonl").read_text().splitlines()
+                assert len(records) == 8  # the quick preset's validation tasks, one line each
+            if name != "sft_only":
+                assert (kept / "grpo_metrics.jsonl").read_bytes() == (
+                    run_dir / "grpo" / "metrics.jsonl"
+                ).read_bytes()
+    claims = (out / "claims.md").read_text()
+    for part in ("| cache |", "| live tools |", "| paper:", "| matched:", "| fixed:", "| exact |"):
+        assert part in claims, part
+
+
 def test_a_rerun_skips_finished_work(reproduced):
     workdir, out, compile_cache, _, _ = reproduced
+    # A later session whose workdir lost a finished run finds it in the results folder.
+    (workdir / f"seed{SEEDS[0]}" / "no_kl" / "result.json").unlink()
     results = sorted(workdir.rglob("result.json"))
     before = {path: path.stat().st_mtime_ns for path in results}
     stage_table = (out / "stage_table.md").read_text()
-    headline, stdout = _run(workdir, out, compile_cache)
+    headline, stdout = run(workdir, out, compile_cache)
     assert headline["ran"] == 0 and headline["skipped"] == len(SEEDS) * len(VARIANTS)
     assert stdout.count("done earlier, skipped") == len(SEEDS) * len(VARIANTS)
     assert {path: path.stat().st_mtime_ns for path in results} == before
