@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ml_collections
 import pytest
-from quick_reproduction import SEEDS, run
+from quick_reproduction import SEEDS, VARIANTS, run
 
 from cacherl_jax.model import count_params, load_hf_checkpoint
 from cacherl_jax.pipeline_demo import apply_overrides
@@ -17,17 +17,6 @@ from cacherl_jax.pipeline_demo import apply_overrides
 # Whole trainers or servers end to end: `pytest -m "not slow"` (make test-fast) skips them.
 pytestmark = pytest.mark.slow
 
-VARIANTS = (
-    "full",
-    "no_reasoning",
-    "no_thinking",
-    "exact_only",
-    "fixed_weight",
-    "matched_reward",
-    "live_tools",
-    "no_kl",
-    "sft_only",
-)
 GRPO_VARIANTS = VARIANTS[:-1]
 METRICS = ("eval/reward/total", "eval/process_accuracy", "eval/success_rate")
 
@@ -165,7 +154,9 @@ def test_each_variant_ran_with_its_settings(reproduced):
             # The ablations of the GRPO stage start from the full run's SFT model and data.
             own = name if name in sft else "full"
             assert config["model"]["checkpoint"] == str(runs / own / "sft" / "hf")
-            assert config["tasks"]["path"] == sft[own]["data"]["train"]
+            # GRPO's tasks and cache: the other training tasks written beside SFT's data.
+            grpo_tasks = str(Path(sft[own]["data"]["train"]).parent / "grpo.raw.jsonl")
+            assert config["tasks"]["path"] == config["cache"]["build_from"] == grpo_tasks
             if own == "full" and name != "full":
                 assert not (runs / name / "sft").exists()
 
