@@ -35,9 +35,9 @@ STEP_KEYS = (
     "time/sampling_s",
     "time/tools_s",
     "time/update_s",
-    "best_effort_first_quarter",
-    "best_effort_last_quarter",
 )
+# Derived per run (not logged per step): the best-effort share of the first and last quarter.
+QUARTER_KEYS = ("best_effort_first_quarter", "best_effort_last_quarter")
 # The reward rules the reward study compares (variant name, rule), when they ran.
 REWARD_RULES = (
     ("full", "paper: a(worst tier of every call)"),
@@ -99,7 +99,7 @@ def aggregate(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[st
         if runs[seeds[0]]["grpo_train"] is not None:
             training[name] = {
                 key: mean_std([runs[s]["grpo_train"].get(key) for s in seeds])
-                for key in (*TRAIN_KEYS, *STEP_KEYS)
+                for key in (*TRAIN_KEYS, *STEP_KEYS, *QUARTER_KEYS)
             }
     return {
         "stages": stages,
