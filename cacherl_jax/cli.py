@@ -237,7 +237,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ("--seed", "seed of the data, the model and the sampling"),
     ):
         demo.add_argument(flag, type=int, default=argparse.SUPPRESS, help=what)
-    for stage in ("sft", "grpo"):
+    for stage, example in (("sft", "train.lr=4e-3"), ("grpo", "loop.mode=live")):
         demo.add_argument(
             f"--{stage}",
             type=_override,
@@ -245,7 +245,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             metavar="FIELD=VALUE",
             help=f"set a field of the {stage.upper()} config (configs/{stage}.py:tiny), repeatable: "
-            "e.g. --grpo train.lr=6e-4",
+            f"e.g. --{stage} {example}",
         )
     demo.add_argument(
         "--teacher",
