@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from cacherl_jax.agent.outcome import TIERS
-from cacherl_jax.eval.taxonomy import BUCKETS, read_validation_records, taxonomy_table
+from cacherl_jax.eval.taxonomy import (
+    BUCKETS,
+    read_validation_records,
+    success_by_domain,
+    taxonomy_table,
+)
 from cacherl_jax.model import Qwen3Config
 from cacherl_jax.train.metrics import read_metrics
 
@@ -134,6 +139,28 @@ def taxonomy_section(workdir: Path, stages: Iterable[str]) -> list[str]:
     return ["Validation failures by kind (first rule that applies):", "", header, rule, *rows, ""]
 
 
+def domain_section(workdir: Path, stages: Iterable[str]) -> list[str]:
+    """A table of each stage's validation successes per domain ("succeeded/tasks"), from the
+    `validation_<stage>.jsonl` records; [] without records."""
+    tables = {
+        stage: success_by_domain(read_validation_records(path))
+        for stage in stages
+        if (path := workdir / f"validation_{stage}.jsonl").exists()
+    }
+    if not tables:
+        return []
+    domains = sorted({domain for table in tables.values() for domain in table})
+    rows = [
+        f"| {stage} | "
+        + " | ".join("{}/{}".format(*table.get(domain, (0, 0))) for domain in domains)
+        + " |"
+        for stage, table in tables.items()
+    ]
+    header = "| stage | " + " | ".join(domains) + " |"
+    rule = "|---" * (len(domains) + 1) + "|"
+    return ["Validation successes by domain:", "", header, rule, *rows, ""]
+
+
 def tier_section(run_dir: Path) -> list[str]:
     """The GRPO run's rollouts by worst cache tier and the live agreement of each tier's cached
     calls, summed over its steps (`train.tier_fidelity`); [] without a GRPO run."""
@@ -197,6 +224,7 @@ def write_report(
         _summary_line(sft_summary, grpo_summary, options["run_grpo"]) + ".",
         "",
         *taxonomy_section(workdir, stages),
+        *domain_section(workdir, stages),
         *tier_section(workdir / "grpo"),
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",

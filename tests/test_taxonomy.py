@@ -184,3 +184,25 @@ def test_records_round_trip_through_the_file_and_count_by_bucket(convert, tmp_pa
     table = taxonomy.taxonomy_table(records)
     assert list(table) == list(taxonomy.BUCKETS)
     assert table["stops_early"] == 2 and table["no_call"] == 1 and sum(table.values()) == 3
+
+
+def test_successes_by_domain_and_the_reports_table(tmp_path):
+    from cacherl_jax.demo_report import domain_section
+
+    records = [
+        {"kind": "currency.rate", "success": False},
+        {"kind": "currency.convert", "success": True},
+        {"kind": "files.read", "success": False},
+        {"kind": "calendar.date", "success": True},
+    ]
+    assert taxonomy.success_by_domain(records) == {
+        "calendar": (1, 1), "currency": (1, 2), "files": (0, 1)
+    }  # fmt: skip
+    (tmp_path / "validation_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = domain_section(tmp_path, ["base", "sft"])  # base has no records: no row
+    assert lines[2:5] == [
+        "| stage | calendar | currency | files |",
+        "|---|---|---|---|",
+        "| sft | 1/1 | 1/2 | 0/1 |",
+    ]
+    assert domain_section(tmp_path, ["base"]) == []

@@ -132,6 +132,17 @@ def taxonomy_table(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return {bucket: counts[bucket] for bucket in BUCKETS}
 
 
+def success_by_domain(records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """(succeeded, tasks) per domain (the part of a record's kind before the dot), sorted by name:
+    a kind the model never learned shows as a domain near 0 however well the others do."""
+    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for record in records:
+        tally = counts[str(record["kind"]).split(".", 1)[0]]
+        tally[0] += bool(record["success"])
+        tally[1] += 1
+    return {domain: (ok, n) for domain, (ok, n) in sorted(counts.items())}
+
+
 # --- rules -----------------------------------------------------------------------------------
 
 
