@@ -134,11 +134,12 @@ def stage_table(summary: dict[str, Any]) -> str:
 def grpo_claim(summary: dict[str, Any]) -> str:
     """One sentence: does GRPO beat SFT by more than twice the std of the paired difference?"""
     diff = summary["grpo_minus_sft"][REWARD]
-    verdict = {True: "separated", False: "within noise", None: "one seed: no std"}[separated(diff)]
-    return (
-        f"GRPO - SFT in validation reward, paired by seed: {fmt(diff, signed=True)} "
-        f"({verdict}: |mean| {'>' if separated(diff) else '<='} 2 std)."
-    )
+    verdict = {
+        True: "separated: |mean| > 2 std",
+        False: "within noise: |mean| <= 2 std",
+        None: "one seed: no std, no verdict",
+    }[separated(diff)]
+    return f"GRPO - SFT in validation reward, paired by seed: {fmt(diff, signed=True)} ({verdict})."
 
 
 def ablation_table(summary: dict[str, Any], variants: Sequence[Any]) -> str:
