@@ -153,7 +153,10 @@ def reward() -> ml_collections.ConfigDict:
     config.tier_aware = True
     # Which calls' cache tiers set a(tier): "paper" (every call, the paper's formula) or "matched"
     # (only calls that match a reference call: a wrong call missing the cache is not excused).
+    # "trusted": as "matched", and an answer reached through a wrong call the cache answered
+    # approximately counts only its expectation on live tools (x untrusted_answer_scale).
     config.tier_rule = "paper"
+    config.untrusted_answer_scale = 0.05
     config.fixed_answer_weight = 0.60
     config.format_weight = 0.2
     config.validity_weight = 0.2

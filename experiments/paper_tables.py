@@ -43,6 +43,7 @@ REWARD_RULES = (
     ("full", "paper: a(worst tier of every call)"),
     ("matched_reward", "matched: a(worst tier of the calls matching a reference call)"),
     ("fixed_weight", "fixed: a = 0.60 whatever the tier"),
+    ("trusted_reward", "trusted: matched, and an answer a wrong call may have been handed x0.05"),
 )
 
 

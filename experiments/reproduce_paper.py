@@ -24,6 +24,9 @@ ablations (`--variants`, default all but no_kl):
   fixed_weight    GRPO with the fixed-weight reward (reward.tier_aware=False: a=0.60 every tier)
   matched_reward  GRPO with reward.tier_rule=matched (only calls matching a reference call set
                   the tier's weight: a wrong call that misses the cache is not paid more)
+  trusted_reward  GRPO with reward.tier_rule=trusted (as matched, and an answer reached through
+                  a wrong call that the cache answered approximately, and so may have been shown
+                  the right call's result, counts only its expectation on live tools)
   live_tools      GRPO whose rollouts call the live tools (loop.mode=live): the paper's claim
                   that cache-answered rollouts train as well
   no_kl           GRPO without the KL term (grpo.beta=0)
@@ -191,6 +194,14 @@ VARIANTS = (
         "reward.tier_rule=matched (only calls that match a reference call set the tier's weight)",
         reuse_sft=True,
         grpo={"reward.tier_rule": "matched"},
+    ),
+    Variant(
+        "trusted_reward",
+        "trusted-answer reward",
+        "reward.tier_rule=trusted (as matched, and an answer reached through a wrong call the "
+        "cache answered approximately counts x0.05)",
+        reuse_sft=True,
+        grpo={"reward.tier_rule": "trusted"},
     ),
     Variant(
         "live_tools",

@@ -18,6 +18,7 @@ VARIANTS = (
     "exact_only",
     "fixed_weight",
     "matched_reward",
+    "trusted_reward",
     "live_tools",
     "no_kl",
     "sft_only",

@@ -4,9 +4,16 @@ import numpy as np
 import pytest
 
 from cacherl_jax.agent.factory import make_environment
-from cacherl_jax.agent.fidelity import add_counts, fidelity_metrics, replay_rollouts
+from cacherl_jax.agent.fidelity import (
+    add_counts,
+    fidelity_metrics,
+    replay_rollouts,
+    wrong_call_answers,
+)
 from cacherl_jax.agent.loop import CallRecord, Rollout
-from cacherl_jax.agent.procedural import generate_tasks
+from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
+from cacherl_jax.agent.procedural.currency import CURRENCIES
+from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_trajectories
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +117,28 @@ def test_counts_add_across_processes():
         "fuzzy": {"calls": 1, "agree": 0},
         "best_effort": {"calls": 3, "agree": 1},
     }
+
+
+def test_a_wrong_call_is_shown_the_right_calls_result_by_the_cache_not_by_live_tools(
+    tasks, tmp_path
+):
+    """A currency rate with the quote mis-copied matches no reference call: the cache, built
+    from the task's reference trajectory, answers it with the reference call's rate (its only
+    neighbour in the task's scope); the live tool answers the pair actually asked for."""
+    rate = _task(tasks, "currency.rate")
+    path = tmp_path / "reference.jsonl"
+    write_trajectories(path, [rate], reasoning=False)
+    (call,) = rate.reference_calls
+    other = next(c for c in CURRENCIES if c not in call.arguments.values())
+    wrong = dict(call.arguments, quote=other)
+    config = ToolCacheConfig(str(tmp_path / "cache.sqlite"), scope_mode="scoped")
+    with ToolCache(config) as cache:
+        build_from_trajectories(cache, [str(path)], scope_per_trajectory=True)
+        counts = wrong_call_answers(rate, [(call.name, call.arguments), (call.name, wrong)], cache)
+        assert (
+            cache.lookup(call.name, wrong, scope=rate.id).result
+            == _live(rate, [(call.name, call.arguments)])[0]
+        )
+    assert counts["matched"] == 1 and counts["unmatched"] == 1
+    assert counts["unmatched_exact"] == 0
+    assert counts["cache_shows_reference"] == 1 and counts["live_shows_reference"] == 0

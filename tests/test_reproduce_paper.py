@@ -146,9 +146,8 @@ def test_each_variant_ran_with_its_settings(reproduced):
             assert config["grpo"]["beta"] == (0.0 if name == "no_kl" else 0.04)
             assert config["reward"]["tier_aware"] is (name != "fixed_weight")
             assert config["cache"]["exact_only"] == (name == "exact_only")
-            assert config["reward"]["tier_rule"] == (
-                "matched" if name == "matched_reward" else "paper"
-            )
+            rules = {"matched_reward": "matched", "trusted_reward": "trusted"}
+            assert config["reward"]["tier_rule"] == rules.get(name, "paper")
             assert config["loop"]["mode"] == ("live" if name == "live_tools" else "cache")
             assert config["loop"]["enable_thinking"] is (False if name == "no_thinking" else None)
             # The ablations of the GRPO stage start from the full run's SFT model and data.

@@ -256,8 +256,34 @@ def test_tier_rule_comes_from_the_config(task):
     reward_config = RewardConfig.from_config(config.reward)
     missed = _miscopied(task, ("exact", "best_effort"), answer="12.5 GBP")
     assert score_rollout(task, missed, reward_config).total == pytest.approx(0.28)
-    with pytest.raises(ValueError, match=r"\('paper', 'matched'\)"):
+    with pytest.raises(ValueError, match=r"\('paper', 'matched', 'trusted'\)"):
         RewardConfig(tier_rule="cheapest")
+    with pytest.raises(ValueError, match="untrusted_answer_scale"):
+        RewardConfig(untrusted_answer_scale=1.5)
+
+
+def test_trusted_scales_an_answer_a_wrong_call_may_have_been_handed(task):
+    """The mis-copied rate answered best effort, and the final answer right anyway (the cache
+    showed the reference call's result): process 0.7. "matched" sets a = 0.6 from the right
+    first call and pays the answer: 0.6 + 0.4 * 0.7 = 0.88. "trusted" keeps a = 0.6 and counts
+    the answer at 0.05: 0.03 + 0.28 = 0.31. The same rollout answered live, or the wrong call
+    answered exactly (its own live result), keeps the answer."""
+    handed = _miscopied(task, ("exact", "best_effort"), answer=task.expected_answer)
+    matched, trusted = RewardConfig(tier_rule="matched"), RewardConfig(tier_rule="trusted")
+    assert score_rollout(task, handed, matched).total == pytest.approx(0.88)
+    reward = score_rollout(task, handed, trusted)
+    assert (reward.weight_tier, reward.answer_weight) == ("exact", 0.6)
+    assert not reward.answer_trusted
+    assert reward.answer == pytest.approx(0.05) and reward.total == pytest.approx(0.31)
+    for tiers in (("live", "live"), ("exact", "exact"), ("fuzzy", "exact")):
+        own = _miscopied(task, tiers, answer=task.expected_answer)
+        kept = score_rollout(task, own, trusted)
+        assert kept.answer_trusted and kept.answer == 1.0, tiers
+    # A right call answered approximately is the cache's limit, not the model's: trusted, a = 0.1.
+    right = score_rollout(task, _perfect(task, ("exact", "best_effort")), trusted)
+    assert right.answer_trusted and right.total == pytest.approx(1.0) and right.answer_weight == 0.1
+    summary = summarize([reward, right])
+    assert summary["reward/answer_untrusted"] == pytest.approx(0.5)
 
 
 # --- the LLM judge, over real HTTP --------------------------------------------------------------

@@ -20,6 +20,14 @@ Which tier sets `a` (`tier_rule`):
   only answer approximately still lowers `a` (the paper's intent kept); a call that matches no
   reference call is the model's error, not the cache's limit, and does not. No call matches:
   "exact". Tasks without reference calls fall back to "paper".
+- "trusted": `a` as under "matched", and the answer is not trusted when a call that matches no
+  reference call was answered approximately (fuzzy or best effort). A cache built from reference
+  trajectories answers such a call with its nearest neighbour, most often a reference call of
+  the same task, so the mistake is shown the right result and the final answer comes out right
+  where a live tool would have shown the mistake's consequence
+  (`experiments/cache_wrong_calls.py`). The untrusted answer is replaced by its expectation on
+  live tools: times `untrusted_answer_scale`, the share of such calls whose live result is a
+  reference call's anyway. Tasks without reference calls fall back to "paper".
 `Reward.tier` is always the rollout's real worst tier (metrics by tier read it); the tier that
 set `a` is `Reward.weight_tier`.
 
@@ -52,7 +60,8 @@ _META_RE = re.compile(
 )
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
-TIER_RULES = ("paper", "matched")  # which calls' tiers set a(tier): see the module docstring
+# Which calls' tiers set a(tier), and whether an answer is trusted: see the module docstring.
+TIER_RULES = ("paper", "matched", "trusted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +70,8 @@ class RewardConfig:
         default_factory=lambda: {"exact": 0.60, "fuzzy": 0.30, "best_effort": 0.10}
     )
     tier_aware: bool = True
-    tier_rule: str = "paper"  # "paper" | "matched"
+    tier_rule: str = "paper"  # "paper" | "matched" | "trusted"
+    untrusted_answer_scale: float = 0.05  # "trusted": an untrusted answer's expected share
     fixed_answer_weight: float = 0.60  # the ablation's a, the same for every tier
     format_weight: float = 0.2
     validity_weight: float = 0.2
@@ -75,8 +85,10 @@ class RewardConfig:
         if missing:
             raise ValueError(f"answer_weights needs a weight for {sorted(missing)}")
         weights = (*self.answer_weights.values(), self.fixed_answer_weight, self.meta_penalty)
-        if not all(0.0 <= w <= 1.0 for w in weights):
-            raise ValueError("answer weights and meta_penalty must lie in [0, 1]")
+        if not all(0.0 <= w <= 1.0 for w in (*weights, self.untrusted_answer_scale)):
+            raise ValueError(
+                "answer weights, meta_penalty and untrusted_answer_scale must lie in [0, 1]"
+            )
         total = self.format_weight + self.validity_weight + self.order_weight
         if not math.isclose(total, 1.0):
             raise ValueError(f"format, validity and order weights must sum to 1, got {total}")
@@ -107,6 +119,7 @@ class Reward:
     answer_weight: float
     judge_error: str | None = None
     weight_tier: str | None = None  # the tier that set answer_weight (None: the same as `tier`)
+    answer_trusted: bool = True  # False: "trusted" scaled an answer the cache may have handed over
 
     @property
     def answer_missing(self) -> bool:
@@ -234,6 +247,20 @@ def weight_tier(task: Task, outcome: RolloutOutcome, rule: str = "paper") -> str
     )
 
 
+def answer_trusted(task: Task, outcome: RolloutOutcome) -> bool:
+    """Whether every call that matches no reference call saw its own live result (answered live
+    or by an exact cache hit): otherwise the cache may have shown it the right call's result.
+    Without reference calls no call can be told wrong: trusted (the paper's rule applies)."""
+    if not task.reference_calls:
+        return True
+    reference = {_call_key(c) for c in task.reference_calls}
+    return not any(
+        call.tier in ("fuzzy", "best_effort") and _call_key(call) not in reference
+        for call in outcome.calls
+        if call.arguments is not None
+    )
+
+
 def score_rollout(
     task: Task,
     outcome: RolloutOutcome,
@@ -262,6 +289,9 @@ def score_rollout(
             answer = 0.0
     if meta and answer is not None:
         answer = 0.0  # an answer that only talks about the task answers nothing
+    trusted = config.tier_rule != "trusted" or answer_trusted(task, outcome)
+    if not trusted and answer is not None:
+        answer *= config.untrusted_answer_scale
 
     weighted_by = weight_tier(task, outcome, config.tier_rule)
     a = config.answer_weight(weighted_by)
@@ -278,6 +308,7 @@ def score_rollout(
         answer_weight=a,
         judge_error=judge_error,
         weight_tier=weighted_by,
+        answer_trusted=trusted,
     )
 
 
@@ -305,6 +336,7 @@ def summarize(rewards: Sequence[Reward]) -> dict[str, float]:
         out["reward/answer"] = sum(answered) / len(answered)
     out["reward/answer_missing"] = sum(r.answer_missing for r in rewards) / n
     out["reward/meta_answer"] = sum(r.meta_answer for r in rewards) / n
+    out["reward/answer_untrusted"] = sum(not r.answer_trusted for r in rewards) / n
     for tier in TIERS:
         group = [r for r in rewards if r.tier == tier]
         out[f"tier/{tier}_fraction"] = len(group) / n
