@@ -1,5 +1,7 @@
 """Tier fidelity: a rollout's cache-answered calls replayed on live tools, counted per tier."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from cacherl_jax.agent.loop import CallRecord, Rollout
 from cacherl_jax.agent.procedural import generate_tasks, write_trajectories
 from cacherl_jax.agent.procedural.currency import CURRENCIES
 from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_trajectories
+from cacherl_jax.eval import wrong_calls
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +145,40 @@ def test_a_wrong_call_is_shown_the_right_calls_result_by_the_cache_not_by_live_t
     assert counts["matched"] == 1 and counts["unmatched"] == 1
     assert counts["unmatched_exact"] == 0
     assert counts["cache_shows_reference"] == 1 and counts["live_shows_reference"] == 0
+
+
+def test_wrong_calls_of_a_results_folder_counted_per_domain(tmp_path):
+    """A results folder whose validation records make every reference call, and in the
+    currency rate task also a call with the quote mis-copied: only that call is unmatched, and the
+    cache, built from the seed's reference trajectories, shows it the reference's rate."""
+    seed, tasks = 3, generate_tasks("validation", 16, 3)
+    records = []
+    for task in tasks:
+        calls = [{"name": c.name, "arguments": c.arguments} for c in task.reference_calls]
+        if task.metadata["kind"] == "currency.rate":
+            (call,) = task.reference_calls
+            other = next(c for c in CURRENCIES if c not in call.arguments.values())
+            calls.append({"name": call.name, "arguments": dict(call.arguments, quote=other)})
+        calls.append({"name": "get_rate", "arguments": None})  # unparsed: counted, not replayed
+        records.append({"task_id": task.id, "kind": task.metadata["kind"], "calls": calls})
+    run = tmp_path / "runs" / f"seed{seed}" / "full"
+    run.mkdir(parents=True)
+    (run / "validation_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    settings = {"fuzzy_threshold": 80.0, "scope_mode": "scoped"}
+    totals = wrong_calls.measure(tmp_path, ["full:sft", "full:grpo"], settings)
+    assert not totals["full:grpo"]  # no such file: left out
+    by_domain = totals["full:sft"]
+    assert set(by_domain) == {"currency", "calendar", "files", "shop"}
+    currency = by_domain["currency"]
+    reference_calls = sum(len(t.reference_calls) for t in tasks)
+    assert currency["unmatched"] == currency["cache_shows_reference"] == 1
+    assert currency["live_shows_reference"] == 0
+    assert sum(c["matched"] for c in by_domain.values()) == reference_calls
+    assert sum(c["calls"] for c in by_domain.values()) == reference_calls + 1 + len(tasks)
+    rows = wrong_calls.table_rows(totals)
+    assert rows[-1][:5] == ["full:sft", "all", reference_calls + 1 + len(tasks), reference_calls, 1]
+    assert len(rows) == 5  # four domains and "all"; full:grpo had no records
+    assert wrong_calls.shares(totals) == {
+        "full:sft": {"unmatched": 1, "cache_shows_reference": 1.0, "live_shows_reference": 0.0}
+    }
