@@ -140,6 +140,9 @@ def loop(enable_thinking: ml_collections.FieldReference | None = None) -> ml_col
         enable_thinking = ml_collections.FieldReference(None, field_type=bool)
     config.enable_thinking = enable_thinking
     config.cache_scope = "task"
+    # Cache mode: a call the task's tools refuse (unknown tool, bad arguments) gets the
+    # environment's own error, as on live tools, instead of a cache lookup.
+    config.answer_rejections = False
     # Seconds every live tool call sleeps before it answers: a real API's latency, to measure what
     # the cache saves (0: off).
     config.tool_latency_s = 0.0

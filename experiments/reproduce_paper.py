@@ -27,6 +27,10 @@ ablations (`--variants`, default all but no_kl):
   trusted_reward  GRPO with reward.tier_rule=trusted (as matched, and an answer reached through
                   a wrong call that the cache answered approximately, and so may have been shown
                   the right call's result, counts only its expectation on live tools)
+  answer_rejections
+                  GRPO whose cache-mode loop answers a call the task's tools refuse (an unknown
+                  tool, bad arguments) with the environment's own error, as live tools do,
+                  instead of a cache lookup (loop.answer_rejections=True)
   live_tools      GRPO whose rollouts call the live tools (loop.mode=live): the paper's claim
                   that cache-answered rollouts train as well
   no_kl           GRPO without the KL term (grpo.beta=0)
@@ -202,6 +206,14 @@ VARIANTS = (
         "cache answered approximately counts x0.05)",
         reuse_sft=True,
         grpo={"reward.tier_rule": "trusted"},
+    ),
+    Variant(
+        "answer_rejections",
+        "rejections answered",
+        "loop.answer_rejections=True (a call the task's tools refuse, an unknown tool or bad "
+        "arguments, gets the environment's error instead of a cache lookup)",
+        reuse_sft=True,
+        grpo={"loop.answer_rejections": True},
     ),
     Variant(
         "live_tools",

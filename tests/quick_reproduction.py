@@ -19,6 +19,7 @@ VARIANTS = (
     "fixed_weight",
     "matched_reward",
     "trusted_reward",
+    "answer_rejections",
     "live_tools",
     "no_kl",
     "sft_only",

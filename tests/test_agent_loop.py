@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scripted_policy import ScriptedPolicy
 
+from cacherl_jax.agent.factory import make_environment
 from cacherl_jax.agent.loop import CacheAgentLoop, LoopConfig, fidelity_report
 from cacherl_jax.agent.procedural import generate_tasks, reference_trajectory, write_trajectories
 from cacherl_jax.agent.tool_cache import ToolCache, ToolCacheConfig, build_from_trajectories
@@ -126,6 +127,34 @@ def test_tiers_truncation_and_stop_reasons(tasks, tokenizer, cache):
     assert len(b.turns) == 3
     assert c.stop_reason == "max_tokens" and not c.calls and c.final_answer is None
     assert len(c.turns) == 1 and c.num_generated == len(scripts[2][0])
+
+
+def test_answer_rejections_gives_a_refused_call_the_environments_error(tasks, tokenizer, cache):
+    """With `answer_rejections`, a call to a tool the task does not offer and one whose
+    arguments its schema rejects get, in cache mode, exactly the text a live environment answers
+    them with (tier "rejected", counted as exact); a valid call still comes from the cache.
+    Without it the unknown tool gets the cache's "no recorded result"."""
+    task = _by_calls(tasks, 2)[0]
+    first = task.reference_calls[0]
+    calls = [("teleport", {"to": "moon"}), (first.name, {}), (first.name, first.arguments)]
+    script = [_call_tokens(tokenizer, name, arguments) for name, arguments in calls]
+    script.append(_call_tokens(tokenizer, "", {}, answer="done"))
+    env = make_environment(task)
+    live = [env.execute(name, arguments) for name, arguments in calls]
+    assert [r.kind for r in live[:2]] == ["unknown_tool", "bad_arguments"]
+
+    config = LoopConfig(group_size=1, max_turns=4, answer_rejections=True)
+    loop = CacheAgentLoop(ScriptedPolicy([script]), tokenizer, cache, config)
+    (rollout,) = loop.run([task])
+    assert [c.tier for c in rollout.calls] == ["rejected", "rejected", "exact"]
+    assert [c.result for c in rollout.calls] == [r.text for r in live]
+    assert [c.result_kind for c in rollout.calls[:2]] == ["unknown_tool", "bad_arguments"]
+    assert rollout.worst_tier == "exact" and loop.metrics["calls_rejected"] == 2.0
+
+    plain = LoopConfig(group_size=1, max_turns=4)
+    (before,) = CacheAgentLoop(ScriptedPolicy([script]), tokenizer, cache, plain).run([task])
+    assert before.calls[0].tier == "best_effort"
+    assert json.loads(before.calls[0].result)["error"] == "no_recorded_result"
 
 
 def test_tool_results_are_truncated_by_tokens(tasks, tokenizer, cache):

@@ -149,6 +149,7 @@ def test_each_variant_ran_with_its_settings(reproduced):
             rules = {"matched_reward": "matched", "trusted_reward": "trusted"}
             assert config["reward"]["tier_rule"] == rules.get(name, "paper")
             assert config["loop"]["mode"] == ("live" if name == "live_tools" else "cache")
+            assert config["loop"]["answer_rejections"] is (name == "answer_rejections")
             assert config["loop"]["enable_thinking"] is (False if name == "no_thinking" else None)
             # The ablations of the GRPO stage start from the full run's SFT model and data.
             own = name if name in sft else "full"

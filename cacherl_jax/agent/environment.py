@@ -264,6 +264,24 @@ def schema_name(schema: Mapping[str, Any]) -> str:
     return (schema.get("function") or schema)["name"]
 
 
+def checked_call(
+    visible: Mapping[str, Mapping[str, Any]], name: Any, arguments: Any, *, check_types: bool = True
+) -> dict[str, Any] | ToolResult:
+    """A call's arguments checked against the tools callable now (`visible`, by name, in the
+    order they were opened), or the error an environment answers without running any tool: an
+    unknown tool (naming the available ones) or arguments its schema rejects."""
+    schema = visible.get(name) if isinstance(name, str) else None
+    if schema is None:
+        available = ", ".join(visible) or "none"
+        return ToolResult(
+            f"Error: unknown tool {name!r}. Available tools: {available}.", "unknown_tool"
+        )
+    try:
+        return _check_arguments(schema.get("function") or schema, arguments, check_types)
+    except _BadArguments as exc:
+        return ToolResult(f"Error: bad arguments for {name}: {exc}.", "bad_arguments")
+
+
 class Environment(abc.ABC):
     """A stateful tool environment. Subclasses implement `_load`, `_invoke` and `final_state`.
 
@@ -309,22 +327,13 @@ class Environment(abc.ABC):
         self._require_task()
         if self.latency_s > 0:
             time.sleep(self.latency_s)
-        schema = self._visible.get(name) if isinstance(name, str) else None
-        if schema is None:
-            available = ", ".join(self._visible) or "none"
-            result = ToolResult(
-                f"Error: unknown tool {name!r}. Available tools: {available}.", "unknown_tool"
-            )
+        checked = checked_call(self._visible, name, arguments, check_types=self.check_types)
+        if isinstance(checked, ToolResult):
+            result = checked
         else:
-            try:
-                # A copy, so the tool cannot alias (or be changed through) the caller's objects.
-                arguments = copy.deepcopy(
-                    _check_arguments(schema.get("function") or schema, arguments, self.check_types)
-                )
-            except _BadArguments as exc:
-                result = ToolResult(f"Error: bad arguments for {name}: {exc}.", "bad_arguments")
-            else:
-                result = self._run(name, arguments)
+            # A copy, so the tool cannot alias (or be changed through) the caller's objects.
+            arguments = copy.deepcopy(checked)
+            result = self._run(name, arguments)
         self.history.append(ExecutedCall(name, arguments, result, self.turn))
         return result
 

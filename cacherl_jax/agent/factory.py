@@ -28,11 +28,17 @@ def make_environment(task: Task, *, latency_s: float = 0.0) -> Environment:
     sleeps `latency_s` seconds before each answer (0: never)."""
     if not latency_s >= 0:  # also refuses NaN
         raise ValueError(f"tool latency must be >= 0 seconds, got {latency_s!r}")
+    environment = environment_class(task)()
+    environment.latency_s = float(latency_s)
+    environment.reset(task)
+    return environment
+
+
+def environment_class(task: Task) -> Callable[[], Environment]:
+    """The environment implementation of the task's kind (its class attributes, such as
+    `check_types`, without building one)."""
     kind = task.environment.get("kind")
     if kind not in ENVIRONMENTS:
         known = ", ".join(ENVIRONMENTS)
         raise ValueError(f"task {task.id!r}: unknown environment kind {kind!r} ({known})")
-    environment = ENVIRONMENTS[kind]()
-    environment.latency_s = float(latency_s)
-    environment.reset(task)
-    return environment
+    return ENVIRONMENTS[kind]

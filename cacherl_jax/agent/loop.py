@@ -32,8 +32,14 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from cacherl_jax.agent.environment import Environment, Task, schema_name
-from cacherl_jax.agent.factory import make_environment
+from cacherl_jax.agent.environment import (
+    Environment,
+    Task,
+    ToolResult,
+    checked_call,
+    schema_name,
+)
+from cacherl_jax.agent.factory import environment_class, make_environment
 from cacherl_jax.agent.outcome import TIERS, CallOutcome, RolloutOutcome, worst_tier
 from cacherl_jax.agent.tool_cache import ToolCache
 from cacherl_jax.chat.parse import ParsedAssistant, parse_assistant
@@ -78,6 +84,9 @@ class LoopConfig:
     top_p: float = 1.0
     enable_thinking: bool | None = None
     cache_scope: Literal["task", "world", "none"] = "task"  # scope of cache lookups and writes
+    # Cache mode: a call the task's tool schemas refuse (an unknown tool, arguments the schema
+    # rejects) gets the environment's own error, as on live tools, instead of a cache lookup.
+    answer_rejections: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -99,10 +108,10 @@ class CallRecord:
     turn: int  # index of the assistant turn that made it
     name: str
     arguments: dict[str, Any] | None
-    tier: str  # exact / fuzzy / best_effort from the cache; "live" when run live
+    tier: str  # exact / fuzzy / best_effort from the cache; "live" when run live; "rejected"
     score: float  # cache similarity 0-100 (100 for live and exact)
     result: str  # what the model was shown (after truncation)
-    result_kind: str = "ok"  # live: the environment's ToolResult kind
+    result_kind: str = "ok"  # live and rejected: the environment's ToolResult kind
     truncated_tokens: int = 0
     problems: tuple[str, ...] = ()  # parse problems of the turn the call came from
     user_turn: int = 0  # which of the task's user turns it answers (multi-turn tasks)
@@ -276,7 +285,7 @@ class CacheAgentLoop:
             "rollouts": float(len(rollouts)),
             "calls_per_rollout": len(tiers) / len(rollouts),
             "generated_tokens": float(sum(r.num_generated for r in rollouts)),
-            **{f"calls_{t}": float(tiers.count(t)) for t in (*TIERS, "live")},
+            **{f"calls_{t}": float(tiers.count(t)) for t in (*TIERS, "live", "rejected")},
             **{f"stop_{s}": float(sum(r.stop_reason == s for r in rollouts)) for s in STOP_REASONS},
         }
         return rollouts
@@ -404,20 +413,7 @@ class CacheAgentLoop:
     def _answer(
         self, row: _Row, name: str, arguments: dict, problems: tuple[str, ...]
     ) -> CallRecord:
-        cfg = self.config
-        scope = cache_scope(row.task, cfg.cache_scope)
-        hit = None
-        if cfg.mode in ("cache", "hybrid"):
-            hit = self.cache.lookup(
-                name, arguments, scope=scope, schema=self._schema(row.task, name)
-            )
-        if hit is not None and (cfg.mode == "cache" or hit.tier == "exact"):
-            text, tier, score, kind = hit.result, hit.tier, hit.score, "ok"
-        else:
-            result = row.env.execute(name, arguments)
-            text, tier, score, kind = result.text, "live", 100.0, result.kind
-            if cfg.mode == "hybrid" and result.ok:
-                self.cache.record(name, arguments, text, scope=scope, source="hybrid")
+        text, tier, score, kind = self._result(row, name, arguments)
         text, cut = self._truncate(text)
         return CallRecord(
             row.message_index - 1,
@@ -431,6 +427,34 @@ class CacheAgentLoop:
             problems,
             row.user_turn,
         )
+
+    def _result(self, row: _Row, name: str, arguments: dict) -> tuple[str, str, float, str]:
+        """The call's result text, tier, match score and result kind, by the loop's mode."""
+        cfg = self.config
+        if cfg.mode == "cache" and cfg.answer_rejections:
+            rejected = self._rejection(row, name, arguments)
+            if rejected is not None:
+                return rejected.text, "rejected", 100.0, rejected.kind
+        scope = cache_scope(row.task, cfg.cache_scope)
+        if cfg.mode in ("cache", "hybrid"):
+            schema = self._schema(row.task, name)
+            hit = self.cache.lookup(name, arguments, scope=scope, schema=schema)
+            if cfg.mode == "cache" or hit.tier == "exact":
+                return hit.result, hit.tier, hit.score, "ok"
+        result = row.env.execute(name, arguments)
+        if cfg.mode == "hybrid" and result.ok:
+            self.cache.record(name, arguments, result.text, scope=scope, source="hybrid")
+        return result.text, "live", 100.0, result.kind
+
+    def _rejection(self, row: _Row, name: str, arguments: dict) -> ToolResult | None:
+        """The environment's error for a call the tools open at the row's user turn refuse (an
+        unknown tool, bad arguments), built from the task's schemas alone; None: a valid call."""
+        task = row.task
+        opened = (tool for turn in task.turns[: row.user_turn + 1] for tool in turn.new_tools)
+        visible = {schema_name(tool): tool for tool in (*task.tools, *opened)}
+        check_types = environment_class(task).check_types
+        checked = checked_call(visible, name, arguments, check_types=check_types)
+        return checked if isinstance(checked, ToolResult) else None
 
     def _truncate(self, text: str) -> tuple[str, int]:
         """Cuts a tool result to the token budget at a token boundary, saying how much was cut."""

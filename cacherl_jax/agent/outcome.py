@@ -15,11 +15,13 @@ from cacherl_jax.chat.parse import ParsedAssistant
 # Worst last: a rollout is as trustworthy as its least exact tool result. Live results and
 # rollouts without calls count as exact.
 TIERS = ("exact", "fuzzy", "best_effort")
-_TIER_RANK = {"live": 0, "exact": 0, "fuzzy": 1, "best_effort": 2}
+# "live": run on the task's environment; "rejected": refused before any tool ran, with the
+# environment's own error (`LoopConfig.answer_rejections`): both show what live tools show.
+_TIER_RANK = {"live": 0, "rejected": 0, "exact": 0, "fuzzy": 1, "best_effort": 2}
 
 
 def worst_tier(tiers: Iterable[str]) -> str:
-    """The least exact of the tiers ("live" counts as "exact"; no tiers at all: "exact")."""
+    """The least exact of the tiers ("live" and "rejected" count as "exact"; none: "exact")."""
     return TIERS[max((_TIER_RANK[t] for t in tiers), default=0)]
 
 
@@ -29,7 +31,7 @@ class CallOutcome:
 
     name: str
     arguments: Mapping[str, Any] | None  # None when the call's JSON did not parse
-    tier: str = "exact"  # "exact" | "fuzzy" | "best_effort" | "live"
+    tier: str = "exact"  # "exact" | "fuzzy" | "best_effort" | "live" | "rejected"
 
 
 @dataclasses.dataclass(frozen=True)
