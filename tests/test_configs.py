@@ -11,6 +11,7 @@ import pytest
 
 from cacherl_jax import cli, config_flags, parallel
 from cacherl_jax.model import Qwen3Config, abstract_params, param_shapes, presets
+from cacherl_jax.pipeline_demo import apply_overrides
 from configs import augment, grpo, rft, sft
 from configs import model as model_configs
 
@@ -82,3 +83,25 @@ def test_official_shapes_have_the_published_sizes(name):
     shapes = param_shapes(qwen3)
     non_embedding = sum(x.size for x in jax.tree.leaves(shapes)) - shapes["embed"].size
     assert abs(non_embedding - NON_EMBEDDING[name]) / NON_EMBEDDING[name] < 0.03
+
+
+def test_every_reproduction_variant_sets_existing_grpo_fields():
+    """Each variant of experiments/reproduce_paper.py, the ones the suite's quick run leaves out
+    too, sets GRPO config fields that exist, with their types (a typo would be a KeyError only
+    when that variant first runs, hours into a reproduction)."""
+    from experiments import reproduce_paper
+
+    plan = reproduce_paper.Plan(
+        "default", dict(reproduce_paper.PRESETS["default"]), (0,), 0.04, "template", Path(".")
+    )
+    for variant in reproduce_paper.VARIANTS:
+        overrides = plan.grpo_overrides(variant)
+        config = apply_overrides(grpo.get_config("tiny"), overrides, name=variant.name)
+        for dotted, value in variant.grpo.items():
+            section, field = dotted.split(".")
+            assert config[section][field] == value, variant.name
+    names = {v.name: v for v in reproduce_paper.VARIANTS}
+    assert names["trusted_reward"].grpo == {"reward.tier_rule": "trusted"}
+    assert names["answer_rejections"].grpo == {"loop.answer_rejections": True}
+    defaults = reproduce_paper.parse_args([]).variants
+    assert "full" in defaults and not set(reproduce_paper.NOT_DEFAULT) & set(defaults)
