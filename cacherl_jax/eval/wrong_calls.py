@@ -88,19 +88,23 @@ def seed_dirs(results: Path) -> list[tuple[int, Path]]:
 
 def measure(results: Path, runs: Sequence[str], cache_settings: Mapping[str, Any]) -> Totals:
     """{"variant:stage": {domain: counts}} summed over every seed of `results`; a seed without a
-    run's validation file is left out of that run."""
+    run's validation file is left out of that run. Each seed's tasks and cache are built once,
+    for all its runs."""
     totals: Totals = {run: defaultdict(Counter) for run in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for seed, seed_dir in seed_dirs(results):
+            records_by_run = {}
             for run in runs:
                 variant, stage = run.split(":")
                 path = seed_dir / variant / f"validation_{stage}.jsonl"
-                if not path.exists():
-                    continue
-                records = _read_jsonl(path)
-                n_tasks = len({r["task_id"] for r in records})
-                tasks, cache = validation_cache(seed, n_tasks, Path(tmp), cache_settings)
-                with cache:
+                if path.exists():
+                    records_by_run[run] = _read_jsonl(path)
+            if not records_by_run:
+                continue
+            n_tasks = max(len({r["task_id"] for r in rs}) for rs in records_by_run.values())
+            tasks, cache = validation_cache(seed, n_tasks, Path(tmp), cache_settings)
+            with cache:
+                for run, records in records_by_run.items():
                     for domain, counts in count_records(records, tasks, cache).items():
                         totals[run][domain].update(counts)
     return totals

@@ -235,11 +235,15 @@ def environment_answer(task: Task, outcome: RolloutOutcome) -> float | None:
 # --- combination -----------------------------------------------------------------------------------
 
 
+def _reference_keys(task: Task) -> set[tuple[str, str]]:
+    return {_call_key(c) for c in task.reference_calls}
+
+
 def weight_tier(task: Task, outcome: RolloutOutcome, rule: str = "paper") -> str:
     """The tier that sets a(tier) under `rule` (see the module docstring)."""
     if rule == "paper" or not task.reference_calls:
         return outcome.worst_tier
-    reference = {_call_key(c) for c in task.reference_calls}
+    reference = _reference_keys(task)
     return worst_tier(
         call.tier
         for call in outcome.calls
@@ -253,7 +257,7 @@ def answer_trusted(task: Task, outcome: RolloutOutcome) -> bool:
     Without reference calls no call can be told wrong: trusted (the paper's rule applies)."""
     if not task.reference_calls:
         return True
-    reference = {_call_key(c) for c in task.reference_calls}
+    reference = _reference_keys(task)
     return not any(
         call.tier in ("fuzzy", "best_effort") and _call_key(call) not in reference
         for call in outcome.calls
