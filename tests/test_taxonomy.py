@@ -206,3 +206,41 @@ def test_successes_by_domain_and_the_reports_table(tmp_path):
         "| sft | 1/1 | 1/2 | 0/1 |",
     ]
     assert domain_section(tmp_path, ["base"]) == []
+
+
+def test_group_signal_counts_solved_and_mixed_groups_per_kind():
+    def record(kind, task, success):
+        return {"kind": kind, "task_id": task, "success": success}
+
+    records = [
+        record("shop.buy", "a", True), record("shop.buy", "a", True),
+        record("shop.buy", "b", True), record("shop.buy", "b", False),
+        record("currency.rate", "c", False), record("currency.rate", "c", False),
+        record("currency.rate", "d", False), record("currency.rate", "d", False),
+        record("calendar.date", "e", False), record("calendar.date", "e", True),
+    ]  # fmt: skip
+    signal = taxonomy.group_signal_by_kind(records)
+    assert list(signal) == ["calendar.date", "currency.rate", "shop.buy"]
+    assert signal["shop.buy"] == taxonomy.GroupSignal(
+        tasks=2, samples=4, success_rate=0.75, solved_any=2, mixed=1
+    )
+    # Never solved by any sample: GRPO has no group with a reward spread to learn from.
+    assert signal["currency.rate"] == taxonomy.GroupSignal(
+        tasks=2, samples=4, success_rate=0.0, solved_any=0, mixed=0
+    )
+    assert signal["calendar.date"].mixed == 1 and signal["calendar.date"].success_rate == 0.5
+
+
+def test_reachable_counts_greedy_failures_some_sample_solves():
+    greedy = [
+        {"kind": "calendar.date", "task_id": "e", "success": False},  # a sample solves it
+        {"kind": "calendar.date", "task_id": "f", "success": True},  # already solved
+        {"kind": "currency.rate", "task_id": "c", "success": False},  # no sample solves it
+    ]
+    sampled = [
+        {"kind": "calendar.date", "task_id": "e", "success": False},
+        {"kind": "calendar.date", "task_id": "e", "success": True},
+        {"kind": "calendar.date", "task_id": "f", "success": True},
+        {"kind": "currency.rate", "task_id": "c", "success": False},
+    ]
+    assert taxonomy.reachable_by_kind(greedy, sampled) == {"calendar.date": 1, "currency.rate": 0}

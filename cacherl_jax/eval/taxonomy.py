@@ -30,6 +30,7 @@ Where a value comes from is decided by replaying the reference calls in the task
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import re
@@ -141,6 +142,55 @@ def success_by_domain(records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[i
         tally[0] += bool(record["success"])
         tally[1] += 1
     return {domain: (ok, n) for domain, (ok, n) in sorted(counts.items())}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSignal:
+    """How a kind's tasks fare when each is sampled several times: the signal GRPO can use.
+
+    A group (one task's samples) gives GRPO an advantage only if its rewards differ; a kind whose
+    tasks are never solved by any sample (`solved_any` 0) cannot be taught by GRPO, however long
+    it runs, and a kind whose groups all succeed has nothing left to teach."""
+
+    tasks: int
+    samples: int
+    success_rate: float  # over all samples
+    solved_any: int  # tasks with at least one successful sample (pass@samples)
+    mixed: int  # tasks whose samples neither all succeed nor all fail
+
+
+def group_signal_by_kind(records: Iterable[Mapping[str, Any]]) -> dict[str, GroupSignal]:
+    """`GroupSignal` per task kind, sorted by name, from validation records with several samples
+    per task (`validation_record`'s `task_id`, `kind` and `success`)."""
+    groups: dict[str, dict[str, list[bool]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
+    for record in records:
+        groups[str(record["kind"])][str(record["task_id"])].append(bool(record["success"]))
+    signal = {}
+    for kind, by_task in sorted(groups.items()):
+        outcomes = list(by_task.values())
+        samples = sum(map(len, outcomes))
+        signal[kind] = GroupSignal(
+            tasks=len(outcomes),
+            samples=samples,
+            success_rate=sum(map(sum, outcomes)) / samples,
+            solved_any=sum(any(group) for group in outcomes),
+            mixed=sum(any(group) and not all(group) for group in outcomes),
+        )
+    return signal
+
+
+def reachable_by_kind(
+    greedy: Iterable[Mapping[str, Any]], sampled: Iterable[Mapping[str, Any]]
+) -> dict[str, int]:
+    """Per kind, the tasks the greedy records fail but some sampled record of the same task
+    solves: the most that sharpening the policy (GRPO) can add to greedy success."""
+    solved = {record["task_id"] for record in sampled if record["success"]}
+    counts: dict[str, int] = collections.Counter()
+    for record in greedy:
+        counts[str(record["kind"])] += not record["success"] and record["task_id"] in solved
+    return dict(sorted(counts.items()))
 
 
 # --- rules -----------------------------------------------------------------------------------
