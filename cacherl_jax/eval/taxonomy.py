@@ -148,9 +148,10 @@ def success_by_domain(records: Iterable[Mapping[str, Any]]) -> dict[str, tuple[i
 class GroupSignal:
     """How a kind's tasks fare when each is sampled several times: the signal GRPO can use.
 
-    A group (one task's samples) gives GRPO an advantage only if its rewards differ; a kind whose
-    tasks are never solved by any sample (`solved_any` 0) cannot be taught by GRPO, however long
-    it runs, and a kind whose groups all succeed has nothing left to teach."""
+    A group (one task's samples) gives GRPO an advantage only if its rewards differ, and a push
+    toward success only if its successes differ (`mixed`): on a kind no sample ever solves
+    (`solved_any` 0) GRPO can only sharpen partial credit, and a kind whose groups all succeed
+    has nothing left to teach."""
 
     tasks: int
     samples: int
@@ -185,7 +186,8 @@ def reachable_by_kind(
     greedy: Iterable[Mapping[str, Any]], sampled: Iterable[Mapping[str, Any]]
 ) -> dict[str, int]:
     """Per kind, the tasks the greedy records fail but some sampled record of the same task
-    solves: the most that sharpening the policy (GRPO) can add to greedy success."""
+    solves: the most that sharpening the policy on these tasks can add to greedy success (GRPO
+    could add more only by teaching what no sample shows)."""
     solved = {record["task_id"] for record in sampled if record["success"]}
     counts: dict[str, int] = collections.Counter()
     for record in greedy:
