@@ -1,7 +1,7 @@
 """Which validation tasks GRPO could still teach a model: greedy against sampled success, per kind.
 
-GRPO learns only from groups whose rewards differ, so a task no sample ever solves cannot be
-taught by sharpening the policy, however long GRPO runs. This evaluates a checkpoint on the demo's
+GRPO pushes toward success only from groups whose successes differ, so a task no sample ever
+solves cannot be taught by sharpening the policy, however long GRPO runs. This evaluates a checkpoint on the demo's
 validation tasks twice with live tools: greedily (what the stage tables report) and with
 `--samples` rollouts per task at the GRPO run's sampling settings (`--temperature`). Per kind it
 reports greedy successes, the sampled success rate, the tasks some sample solves (pass@samples),
@@ -48,10 +48,25 @@ def records_of(checkpoint: str, tasks, loop, seed: int) -> list[dict]:
     return [validation_record(by_id[result.task_id], result) for result in results]
 
 
-def table(greedy: list[dict], signal: dict[str, GroupSignal], reachable: dict[str, int]) -> str:
-    greedy_ok = {kind: 0 for kind in signal}
+def greedy_successes(greedy: list[dict], kinds) -> dict[str, int]:
+    counts = dict.fromkeys(kinds, 0)
     for record in greedy:
-        greedy_ok[record["kind"]] += bool(record["success"])
+        counts[record["kind"]] += bool(record["success"])
+    return counts
+
+
+def totals(greedy_ok: dict[str, int], signal: dict[str, GroupSignal], reachable) -> dict:
+    """The table's last row and the JSON line's counts."""
+    return {
+        "tasks": sum(s.tasks for s in signal.values()),
+        "greedy": sum(greedy_ok.values()),
+        "solved_by_a_sample": sum(s.solved_any for s in signal.values()),
+        "mixed_groups": sum(s.mixed for s in signal.values()),
+        "reachable": sum(reachable.values()),
+    }
+
+
+def table(greedy_ok: dict[str, int], signal: dict[str, GroupSignal], reachable, total) -> str:
     lines = [
         "| kind | tasks | greedy successes | sampled success | solved by a sample | mixed groups "
         "| reachable |",
@@ -62,16 +77,9 @@ def table(greedy: list[dict], signal: dict[str, GroupSignal], reachable: dict[st
             f"| {kind} | {s.tasks} | {greedy_ok[kind]} | {s.success_rate:.2f} | {s.solved_any} "
             f"| {s.mixed} | {reachable[kind]} |"
         )
-    total = {
-        "tasks": sum(s.tasks for s in signal.values()),
-        "greedy": sum(greedy_ok.values()),
-        "solved": sum(s.solved_any for s in signal.values()),
-        "mixed": sum(s.mixed for s in signal.values()),
-        "reachable": sum(reachable.values()),
-    }
     lines.append(
-        f"| all | {total['tasks']} | {total['greedy']} | | {total['solved']} | {total['mixed']} "
-        f"| {total['reachable']} |"
+        f"| all | {total['tasks']} | {total['greedy']} | | {total['solved_by_a_sample']} "
+        f"| {total['mixed_groups']} | {total['reachable']} |"
     )
     return "\n".join(lines)
 
@@ -93,6 +101,8 @@ def main() -> None:
     )
     signal = group_signal_by_kind(sampled)
     reachable = reachable_by_kind(greedy, sampled)
+    greedy_ok = greedy_successes(greedy, signal)
+    total = totals(greedy_ok, signal, reachable)
     text = (
         f"# Greedy against sampled success ({args.samples} samples at temperature "
         f"{args.temperature}, live tools)\n\n"
@@ -100,21 +110,19 @@ def main() -> None:
         "`reachable`: tasks greedy fails but some sample solves, the most GRPO's sharpening can "
         "add to greedy success. Command: `.venv/bin/python experiments/sampled_success.py "
         f"--checkpoint {args.checkpoint} --seed {args.seed} --samples {args.samples} --write`.\n\n"
-        + table(greedy, signal, reachable)
+        + table(greedy_ok, signal, reachable, total)
         + "\n"
     )
     print(text)
     if args.write:
         (args.out / f"sampled_success_seed{args.seed}.md").write_text(text)
+    counts = {key: value for key, value in total.items() if key != "greedy"}
     print(
         json.dumps(
             {
-                "tasks": len(tasks),
-                "greedy_success": sum(r["success"] for r in greedy) / len(tasks),
+                **counts,
+                "greedy_success": total["greedy"] / len(tasks),
                 "sampled_success": sum(r["success"] for r in sampled) / len(sampled),
-                "solved_by_a_sample": sum(s.solved_any for s in signal.values()),
-                "mixed_groups": sum(s.mixed for s in signal.values()),
-                "reachable": sum(reachable.values()),
             }
         )
     )

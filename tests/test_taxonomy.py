@@ -224,7 +224,7 @@ def test_group_signal_counts_solved_and_mixed_groups_per_kind():
     assert signal["shop.buy"] == taxonomy.GroupSignal(
         tasks=2, samples=4, success_rate=0.75, solved_any=2, mixed=1
     )
-    # Never solved by any sample: GRPO has no group with a reward spread to learn from.
+    # Never solved by any sample: no group has a success spread for GRPO to learn from.
     assert signal["currency.rate"] == taxonomy.GroupSignal(
         tasks=2, samples=4, success_rate=0.0, solved_any=0, mixed=0
     )
