@@ -133,7 +133,7 @@ def loop(enable_thinking: ml_collections.FieldReference | None = None) -> ml_col
     # leave holes, so multi-turn rollouts need more slots than tokens.
     config.cache_len = 0
     config.tool_result_max_tokens = 2048
-    config.temperature = 1.0
+    config.temperature = 1.0  # GRPO trains the policy sampled: softmax(logits / temperature)
     config.top_k = 0
     config.top_p = 1.0
     if enable_thinking is None:

@@ -213,16 +213,21 @@ def test_prompts_longer_than_max_len_are_refused(tasks, tokenizer, cache):
         loop.run(tasks[:1])
 
 
-def test_a_real_tiny_model_drives_the_loop(tasks, tokenizer, cache):
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_a_real_tiny_model_drives_the_loop(tasks, tokenizer, cache, temperature):
     """Random weights emit mostly junk; what must hold is that the rollout's sampler log-probs are
     what the training forward computes on the rollout's tokens (1e-4), for every generated token,
-    across several turns: the KV-cache continuation and the token bookkeeping agree."""
+    across several turns: the KV-cache continuation and the token bookkeeping agree. At a
+    temperature T the sampled policy is softmax(logits / T), GRPO's trainer at T computes the
+    same, and the raw log-probs stay those of temperature 1."""
     config = Qwen3Config(
         vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, tie_word_embeddings=True,
     )  # fmt: skip
     params = init_params(config, jax.random.key(0))
-    loop_config = LoopConfig(group_size=3, max_new_tokens=24, max_turns=3, max_len=768)
+    loop_config = LoopConfig(
+        group_size=3, max_new_tokens=24, max_turns=3, max_len=768, temperature=temperature
+    )
     sampler = Sampler(params, config)
     chosen = _by_calls(tasks, 2)[:2]
     rollouts = CacheAgentLoop(sampler, tokenizer, cache, loop_config).run(chosen, seed=1)
@@ -235,10 +240,13 @@ def test_a_real_tiny_model_drives_the_loop(tasks, tokenizer, cache):
         [r.token_ids for r in rollouts], [r.loss_mask for r in rollouts],
         [r.logprobs for r in rollouts], [0.0] * len(rollouts), seq_len,
     )  # fmt: skip
-    trainer = np.asarray(target_logprobs(params, config, batch))
+    trainer = np.asarray(target_logprobs(params, config, batch, temperature=temperature))
     mask = batch["loss_mask_BxT"] > 0
     gap = np.abs(trainer - batch["old_logp_BxT"])[mask]
     assert mask.sum() == sum(r.num_generated for r in rollouts)
     assert gap.max() < 1e-4, gap.max()
+    raw = np.concatenate([r.raw_logprobs[np.asarray(r.loss_mask) > 0] for r in rollouts])
+    trainer_t1 = np.asarray(target_logprobs(params, config, batch))[mask]
+    assert np.abs(trainer_t1 - raw).max() < 1e-4
     # Different samples of one task differ (seeds per row).
     assert not np.array_equal(rollouts[0].token_ids, rollouts[1].token_ids)

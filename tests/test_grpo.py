@@ -142,3 +142,22 @@ def test_step_tasks_are_a_function_of_seed_and_step():
     assert [t.id for t in a] == [t.id for t in grpo.step_tasks(tasks, 7, 8, seed=1)]
     assert [t.id for t in a] != [t.id for t in grpo.step_tasks(tasks, 8, 8, seed=1)]
     assert len({t.id for t in a}) == 8
+
+
+@pytest.mark.parametrize(
+    "loop, message",
+    [
+        (dict(temperature=0.0), "must be > 0"),
+        (dict(temperature=0.6, top_k=20), 'grpo.old_logp="recompute"'),
+        (dict(temperature=0.6, top_p=0.95), 'grpo.old_logp="recompute"'),
+    ],
+)
+def test_sampling_settings_the_trainer_cannot_follow_are_refused(tmp_path, loop, message):
+    """The trainer optimises softmax(logits / T); the sampler records that policy's log-probs
+    only without top-k / top-p filtering, so those settings need recomputed old log-probs."""
+    config = grpo_configs.get_config("tiny")
+    config.model.checkpoint = str(tmp_path / "sft")
+    config.loop.update(loop)
+    with pytest.raises(grpo.TrainingError, match=message):
+        grpo.train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -143,6 +143,40 @@ def test_token_logprobs_and_entropy(rng, chunk_size):
     _assert_close(entropy, expected_entropy)
 
 
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_token_logprobs_at_a_temperature(rng, temperature):
+    """GRPO at a sampling temperature T optimises softmax(logits / T): log-probs, entropy and the
+    log-prob's gradient match that formula in numpy (float64) and full-logits autodiff."""
+    h, w, targets = _inputs(rng)
+    logits_NxV = h.reshape(-1, E).astype(np.float64) @ w.T.astype(np.float64)
+    logp_NxV = _log_softmax(logits_NxV / temperature)
+    expected_logp = logp_NxV[np.arange(B * T), targets.reshape(-1)].reshape(B, T)
+    expected_entropy = -(np.exp(logp_NxV) * logp_NxV).sum(-1).reshape(B, T)
+
+    logp, entropy = token_logprobs(
+        h, w, targets, chunk_size=7, return_entropy=True, temperature=temperature
+    )
+    _assert_close(logp, expected_logp)
+    _assert_close(entropy, expected_entropy)
+    assert not np.allclose(logp, token_logprobs(h, w, targets, chunk_size=7), atol=1e-3)
+
+    def chunked(h):
+        return token_logprobs(h, w, targets, chunk_size=7, temperature=temperature).sum()
+
+    def full(h):
+        logits = jnp.einsum("bte,ve->btv", h, w) / temperature
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, targets[..., None], axis=-1).sum()
+
+    _assert_close(jax.grad(chunked)(h), jax.grad(full)(h), rtol=1e-4)
+
+
+def test_token_logprobs_refuse_a_temperature_that_is_not_positive(rng):
+    h, w, targets = _inputs(rng)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_logprobs(h, w, targets, temperature=0.0)
+
+
 def test_entropy_gradient_matches_full_logits(rng):
     """GRPO may put an entropy bonus in its loss: the chunked gradient must be right too."""
     h, w, targets = _inputs(rng)

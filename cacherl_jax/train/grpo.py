@@ -178,6 +178,7 @@ def _open_workdir(
         raise TrainingError(
             "config.model.checkpoint is empty: give an HF checkpoint directory (e.g. an SFT run's hf/)"
         )
+    _check_sampling(config)
     mesh = parallel.start(config, devices)
     if config.grpo.tasks_per_step % jax.process_count():
         raise TrainingError(
@@ -189,6 +190,32 @@ def _open_workdir(
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     return mesh
+
+
+def _check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The trainer optimises softmax(logits / loop.temperature), the policy the rollouts are drawn
+    from; with grpo.old_logp="sampler" the sampler must have recorded that policy's log-probs,
+    which it does unless top-k or top-p also filtered the draw."""
+    loop = config.loop
+    if not loop.temperature > 0:
+        raise TrainingError(
+            f"loop.temperature={loop.temperature}: GRPO samples its groups, so it must be > 0"
+        )
+    filtered = loop.top_k > 0 or loop.top_p < 1.0
+    if loop.temperature != 1.0 and filtered and config.grpo.old_logp == "sampler":
+        raise TrainingError(
+            f"loop.temperature={loop.temperature} with top_k={loop.top_k}, top_p={loop.top_p}: "
+            "the sampler records the filtered distribution's log-probs, not those of "
+            "softmax(logits / temperature) that the trainer optimises; set "
+            'grpo.old_logp="recompute"'
+        )
+
+
+def _sampler_logprobs(rollout: Rollout, temperature: float) -> np.ndarray:
+    """The sampler's log-probs of the policy the trainer optimises: at temperature 1 the raw
+    (unfiltered) ones, otherwise the tempered ones it drew from (`_check_sampling` has ruled out
+    filtering there)."""
+    return rollout.raw_logprobs if temperature == 1.0 else rollout.logprobs
 
 
 def _load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -328,7 +355,12 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
         start_step=start_step,
         update=_compile_update(config, policy, tx, schedule, state_shardings, mesh),
         logprobs_fn=jax.jit(
-            functools.partial(target_logprobs, model=model, chunk_size=config.grpo.loss_chunk_size)
+            functools.partial(
+                target_logprobs,
+                model=model,
+                chunk_size=config.grpo.loss_chunk_size,
+                temperature=config.loop.temperature,
+            )
         ),
         merge=merge,
         batch_shardings=batch_shardings,
@@ -647,7 +679,7 @@ def _batch(
     return rollouts_to_batch(
         [r.token_ids for r in rollouts],
         masks,
-        [r.raw_logprobs for r in rollouts],
+        [_sampler_logprobs(r, config.loop.temperature) for r in rollouts],
         np.where(keep_R, adv_R, 0.0),
         seq_len=config.loop.max_len,
         pad_id=tokenizer.pad_id,

@@ -47,6 +47,9 @@ class GrpoStepConfig:
     kl_estimator: str = "k3"
     aggregation: str = "token-mean"
     entropy: bool = True  # per-token entropy of the full distribution, for the metrics
+    # The policy optimised is the one the rollouts were sampled from: softmax(logits / T) at the
+    # loop's temperature T (before top-k / top-p filtering).
+    temperature: float = 1.0
 
     @classmethod
     def from_config(
@@ -65,6 +68,7 @@ class GrpoStepConfig:
             kl_estimator=grpo.kl_estimator,
             aggregation=grpo.aggregation,
             entropy=grpo.entropy,
+            temperature=config.loop.temperature,
         )
 
 
@@ -116,9 +120,16 @@ def rollouts_to_batch(
 
 
 def target_logprobs(
-    params, model: Qwen3Config, batch, *, chunk_size: int = 2048, return_entropy: bool = False
+    params,
+    model: Qwen3Config,
+    batch,
+    *,
+    chunk_size: int = 2048,
+    return_entropy: bool = False,
+    temperature: float = 1.0,
 ):
-    """log p(target) per position, [B, T] float32 (and the entropy), projected in chunks."""
+    """log p(target) per position, [B, T] float32 (and the entropy), projected in chunks, under
+    softmax(logits / temperature)."""
     x_BxTxE = qwen3.embed(params, model, batch["tokens_BxT"])
     h_BxTxE = qwen3.hidden_states(
         params,
@@ -133,6 +144,7 @@ def target_logprobs(
         batch["targets_BxT"],
         chunk_size=chunk_size,
         return_entropy=return_entropy,
+        temperature=temperature,
     )
 
 
@@ -153,6 +165,7 @@ def make_grpo_step(
             batch,
             chunk_size=config.loss_chunk_size,
             return_entropy=config.entropy,
+            temperature=config.temperature,
         )
         logp_BxT, entropy_BxT = out if config.entropy else (out, None)
         loss_sum, _, metrics = grpo_loss(

@@ -22,12 +22,19 @@ from cacherl_jax.model.qwen3 import dense
 
 
 def _chunk_stats(
-    h_BxCxE: jax.Array, w_VxE: jax.Array, targets_BxC: jax.Array, with_entropy: bool
+    h_BxCxE: jax.Array,
+    w_VxE: jax.Array,
+    targets_BxC: jax.Array,
+    with_entropy: bool,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """float32 log p(target) (and entropy) for one chunk; its [B, C, V] logits die here."""
+    """float32 log p(target) (and entropy) for one chunk, under softmax(logits / temperature);
+    its [B, C, V] logits die here."""
     # Same numerics as qwen3.logits_from_hidden (w cast to h's dtype, float32 accumulation), as a
     # 2-D matmul: XLA's CPU backend runs that form's weight gradient about twice as fast.
     logits_BxCxV = dense(h_BxCxE, w_VxE.astype(h_BxCxE.dtype).T, preferred_element_type=jnp.float32)
+    if temperature != 1.0:  # divided in float32, as the sampler does
+        logits_BxCxV = logits_BxCxV / jnp.float32(temperature)
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     logp_BxC = target_BxC - lse_BxC
@@ -79,6 +86,7 @@ def _chunked_stats(
     targets_BxT: jax.Array,
     chunk_size: int,
     with_entropy: bool,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Runs `_chunk_stats` over chunks of about `chunk_size` tokens (B rows x C positions)."""
     _validate(h_BxTxE, targets_BxT, chunk_size)
@@ -89,7 +97,7 @@ def _chunked_stats(
 
     # Saves only the chunk's inputs: the backward pass recomputes the logits.
     chunk_fn = jax.checkpoint(
-        lambda h, t: _chunk_stats(h, w_VxE, t, with_entropy), prevent_cse=False
+        lambda h, t: _chunk_stats(h, w_VxE, t, with_entropy, temperature), prevent_cse=False
     )
 
     def step(carry, xs):
@@ -205,13 +213,19 @@ def token_logprobs(
     *,
     chunk_size: int = 2048,
     return_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """float32 log p(target) per token, [B, T]; with `return_entropy`, also the entropy of the
     full next-token distribution per token, [B, T]. Same chunking as `chunked_cross_entropy`
-    (GRPO's ratios and entropy bonus need per-token values, not a sum)."""
+    (GRPO's ratios and entropy bonus need per-token values, not a sum). `temperature`: of the
+    distribution softmax(logits / temperature), the policy a sampler at that temperature draws
+    from (before any top-k or top-p filtering); a Python float, fixed at trace time."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     logp_BxT, entropy_BxT = _chunked_stats(
-        h_BxTxE, w_VxE, targets_BxT, chunk_size, with_entropy=return_entropy
-    )
+        h_BxTxE, w_VxE, targets_BxT, chunk_size, with_entropy=return_entropy,
+        temperature=temperature,
+    )  # fmt: skip
     return (logp_BxT, entropy_BxT) if return_entropy else logp_BxT
 
 

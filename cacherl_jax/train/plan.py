@@ -184,7 +184,10 @@ def _grpo_programs(
     # minibatch of rows at a time with full parameters (merged with the adapters under LoRA).
     logprobs = jax.jit(
         functools.partial(
-            grpo_step.target_logprobs, model=train.model, chunk_size=config.grpo.loss_chunk_size
+            grpo_step.target_logprobs,
+            model=train.model,
+            chunk_size=config.grpo.loss_chunk_size,
+            temperature=config.loop.temperature,
         )
     )
     batch = _grpo_batch(rows // config.grpo.minibatches, T, mesh)  # grpo.py: a minibatch at a time
