@@ -78,7 +78,7 @@ def _demo(args: argparse.Namespace) -> None:
     pipeline_demo.run(args.workdir, **options)
 
 
-def _override(text: str) -> tuple[str, object]:
+def field_override(text: str) -> tuple[str, object]:
     """`FIELD=VALUE` of `--sft` / `--grpo`: the value as JSON (numbers, true/false), else text."""
     field, sep, value = text.partition("=")
     if not sep or not field:
@@ -240,7 +240,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for stage, example in (("sft", "train.lr=4e-3"), ("grpo", "loop.mode=live")):
         demo.add_argument(
             f"--{stage}",
-            type=_override,
+            type=field_override,
             action="append",
             default=argparse.SUPPRESS,
             metavar="FIELD=VALUE",

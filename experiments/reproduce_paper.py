@@ -9,6 +9,7 @@ nothing about models at the paper's scale. Every table it writes says so in its 
     .venv/bin/python experiments/reproduce_paper.py                  # seeds 0 1 2 (see PRESETS)
     .venv/bin/python experiments/reproduce_paper.py --seeds 2        # one more seed, later
     .venv/bin/python experiments/reproduce_paper.py --preset quick   # a few minutes, for tests
+    .venv/bin/python experiments/reproduce_paper.py --grpo loop.temperature=0.6 --val-tasks 288
 
 For every seed it runs the pipeline of `cacherl demo` (`cacherl_jax.pipeline_demo.run`) and its
 ablations (`--variants`, default all but no_kl, trusted_reward and answer_rejections):
@@ -72,6 +73,7 @@ if str(REPO) not in sys.path:  # `python experiments/reproduce_paper.py` from an
     sys.path.insert(0, str(REPO))
 
 from cacherl_jax import pipeline_demo  # noqa: E402
+from cacherl_jax.cli import field_override  # noqa: E402
 from cacherl_jax.model import count_params, init_params, read_config  # noqa: E402
 from cacherl_jax.train.metrics import read_metrics  # noqa: E402
 from experiments import paper_tables as tables_lib  # noqa: E402
@@ -240,6 +242,8 @@ class Plan:
     beta: float
     teacher: str
     workdir: Path
+    # `--grpo FIELD=VALUE`: set in every variant's GRPO config, before the variant's own fields.
+    grpo_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def sft_overrides(self) -> dict[str, Any]:
@@ -247,13 +251,14 @@ class Plan:
 
     def grpo_overrides(self, variant: Variant) -> dict[str, Any]:
         """The GRPO config fields the variant's run sets: the sizes, the full run's beta, the
-        preset's fields, then the variant's own. Without a GRPO stage they still give the loop
-        every stage is evaluated with (`grpo.loop_config(config, evaluation=True)`)."""
+        preset's fields, `--grpo`'s, then the variant's own. Without a GRPO stage they still give
+        the loop every stage is evaluated with (`grpo.loop_config(config, evaluation=True)`)."""
         return {
             "grpo.beta": self.beta,
             "grpo.tasks_per_step": self.sizes["tasks_per_step"],
             "loop.group_size": self.sizes["group_size"],
             **PRESET_GRPO_OVERRIDES[self.preset],
+            **self.grpo_fields,
             **variant.grpo,
         }
 
@@ -458,6 +463,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the variants to run (full always runs: the others are compared with it)",
     )
     parser.add_argument("--beta", type=float, default=DEFAULT_BETA, help="the full run's KL term")
+    parser.add_argument(
+        "--grpo",
+        type=field_override,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a field of every variant's GRPO config (configs/grpo.py:tiny), repeatable, e.g. "
+        "--grpo loop.temperature=0.6; a variant's own fields (loop.mode=live) still win",
+    )
     parser.add_argument("--teacher", default="template", help="configs/augment.py variant")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "reproduce"))
     parser.add_argument("--out", default=str(REPO / "experiments" / "results"))
@@ -472,6 +486,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--seeds must be distinct")
     if args.beta <= 0:
         parser.error("--beta must be > 0, or the full run and no_kl would be the same")
+    try:  # a typo fails now, not when the first GRPO run starts
+        pipeline_demo.apply_overrides(
+            pipeline_demo.load_config("grpo", "tiny"), dict(args.grpo), name="--grpo"
+        )
+    except (KeyError, TypeError) as error:
+        parser.error(str(error).strip("'\""))
     return args
 
 
@@ -488,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         beta=args.beta,
         teacher=args.teacher,
         workdir=Path(args.workdir).absolute(),
+        grpo_fields=dict(args.grpo),
     )
     out_dir = Path(args.out).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -585,6 +606,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return headline
 
 
+def grpo_fields_note(plan: Plan) -> str:
+    """A sentence naming `--grpo`'s fields, or nothing without them."""
+    if not plan.grpo_fields:
+        return ""
+    fields = ", ".join(f"{k}={v}" for k, v in plan.grpo_fields.items())
+    return f" Every GRPO run also sets {fields} (`--grpo`)."
+
+
 def write_outputs(
     out_dir: Path,
     plan: Plan,
@@ -609,7 +638,8 @@ def write_outputs(
     (out_dir / "stage_table.md").write_text(
         f"# {title('stage table', model)}\n\n"
         f"{note}\n\n"
-        f"The full pipeline's stages. {how} Its GRPO stage has a KL term, beta = {plan.beta}.\n\n"
+        f"The full pipeline's stages. {how} Its GRPO stage has a KL term, beta = {plan.beta}."
+        f"{grpo_fields_note(plan)}\n\n"
         f"{tables['stage']}\n\n{tables['grpo_claim']}\n"
     )
     (out_dir / "ablation_table.md").write_text(
@@ -649,6 +679,7 @@ def write_outputs(
         "sizes": plan.sizes,
         "seeds": seeds,
         "beta": plan.beta,
+        "grpo_fields": plan.grpo_fields,
         "teacher": plan.teacher,
         "model": model,
         "workdir": str(plan.workdir),
@@ -676,7 +707,8 @@ def write_outputs(
         f"Commit {git['commit']}{' (with uncommitted changes)' if git['dirty'] else ''}, "
         f"{results['created_at']}, {machine['platform']}, {machine['cpus']} CPUs; "
         f"{compute_s / 60:.1f} min of runs in all. Preset {plan.preset}, sizes "
-        f"{json.dumps(plan.sizes)}; seeds {seed_list}; beta {plan.beta} in the full run.\n\n"
+        f"{json.dumps(plan.sizes)}; seeds {seed_list}; beta {plan.beta} in the full run."
+        f"{grpo_fields_note(plan)}\n\n"
         "## Stage table\n\n"
         f"{how}\n\n{tables['stage']}\n\n"
         f"{tables['grpo_claim']}\n\n"

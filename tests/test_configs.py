@@ -105,3 +105,27 @@ def test_every_reproduction_variant_sets_existing_grpo_fields():
     assert names["answer_rejections"].grpo == {"loop.answer_rejections": True}
     defaults = reproduce_paper.parse_args([]).variants
     assert "full" in defaults and not set(reproduce_paper.NOT_DEFAULT) & set(defaults)
+
+
+def test_reproduction_grpo_fields_reach_every_variant_and_the_variants_own_win():
+    """`reproduce_paper.py --grpo FIELD=VALUE` sets the field in every variant's GRPO config (and so
+    in the settings a rerun compares), under the variant's own fields; a typo is refused at once."""
+    from experiments import reproduce_paper
+
+    args = reproduce_paper.parse_args(["--grpo", "loop.temperature=0.6", "--grpo", "loop.mode=x"])
+    assert args.grpo == [("loop.temperature", 0.6), ("loop.mode", "x")]
+    plan = reproduce_paper.Plan(
+        "default", dict(reproduce_paper.PRESETS["default"]), (0,), 0.04, "template", Path("."),
+        grpo_fields=dict(args.grpo),
+    )  # fmt: skip
+    modes = {}
+    for variant in reproduce_paper.VARIANTS:
+        config = apply_overrides(grpo.get_config("tiny"), plan.grpo_overrides(variant))
+        assert config.loop.temperature == 0.6, variant.name
+        assert plan.settings(variant)["grpo_overrides"]["loop.temperature"] == 0.6
+        modes[variant.name] = config.loop.mode
+    assert modes["live_tools"] == "live" and modes["full"] == "x"
+    assert "loop.temperature=0.6" in reproduce_paper.grpo_fields_note(plan)
+    for bad in ("loop.temperature", "loop.temprature=0.6", "loop.temperature=hot"):
+        with pytest.raises(SystemExit):
+            reproduce_paper.parse_args(["--grpo", bad])
