@@ -9,6 +9,7 @@ from shop_run import KINDS, SEQ_LEN
 from cacherl_jax.agent.outcome import TIERS
 from cacherl_jax.agent.procedural import generate_tasks
 from cacherl_jax.train import grpo
+from cacherl_jax.train.grpo_step import policy_temperature
 from cacherl_jax.train.metrics import read_metrics
 from configs import grpo as grpo_configs
 
@@ -147,14 +148,18 @@ def test_step_tasks_are_a_function_of_seed_and_step():
 @pytest.mark.parametrize(
     "loop, message",
     [
-        (dict(temperature=0.0), "must be > 0"),
         (dict(temperature=0.6, top_k=20), 'grpo.old_logp="recompute"'),
         (dict(temperature=0.6, top_p=0.95), 'grpo.old_logp="recompute"'),
     ],
 )
 def test_sampling_settings_the_trainer_cannot_follow_are_refused(tmp_path, loop, message):
     """The trainer optimises softmax(logits / T); the sampler records that policy's log-probs
-    only without top-k / top-p filtering, so those settings need recomputed old log-probs."""
+    only without top-k / top-p filtering, so those settings need recomputed old log-probs.
+    Greedy rollouts train the model's own distribution (T = 1)."""
+    for temperature, policy in ((0.0, 1.0), (0.6, 0.6), (1.0, 1.0), (1.3, 1.3)):
+        greedy = grpo_configs.get_config("tiny")
+        greedy.loop.temperature = temperature
+        assert policy_temperature(greedy) == policy
     config = grpo_configs.get_config("tiny")
     config.model.checkpoint = str(tmp_path / "sft")
     config.loop.update(loop)

@@ -63,6 +63,7 @@ from cacherl_jax.train.grpo_step import (
     BATCH_KEYS,
     GrpoStepConfig,
     make_grpo_step,
+    policy_temperature,
     rollouts_to_batch,
     target_logprobs,
 )
@@ -193,16 +194,12 @@ def _open_workdir(
 
 
 def _check_sampling(config: ml_collections.ConfigDict) -> None:
-    """The trainer optimises softmax(logits / loop.temperature), the policy the rollouts are drawn
-    from; with grpo.old_logp="sampler" the sampler must have recorded that policy's log-probs,
-    which it does unless top-k or top-p also filtered the draw."""
+    """The trainer optimises softmax(logits / T) (`policy_temperature`); with
+    grpo.old_logp="sampler" the sampler must have recorded that policy's log-probs, which it does
+    unless top-k or top-p also filtered the draw at T != 1."""
     loop = config.loop
-    if not loop.temperature > 0:
-        raise TrainingError(
-            f"loop.temperature={loop.temperature}: GRPO samples its groups, so it must be > 0"
-        )
     filtered = loop.top_k > 0 or loop.top_p < 1.0
-    if loop.temperature != 1.0 and filtered and config.grpo.old_logp == "sampler":
+    if policy_temperature(config) != 1.0 and filtered and config.grpo.old_logp == "sampler":
         raise TrainingError(
             f"loop.temperature={loop.temperature} with top_k={loop.top_k}, top_p={loop.top_p}: "
             "the sampler records the filtered distribution's log-probs, not those of "
@@ -212,9 +209,9 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
 
 
 def _sampler_logprobs(rollout: Rollout, temperature: float) -> np.ndarray:
-    """The sampler's log-probs of the policy the trainer optimises: at temperature 1 the raw
-    (unfiltered) ones, otherwise the tempered ones it drew from (`_check_sampling` has ruled out
-    filtering there)."""
+    """The sampler's log-probs of the policy the trainer optimises (at `policy_temperature`): at
+    temperature 1 the raw (unfiltered) ones, otherwise the tempered ones it drew from
+    (`_check_sampling` has ruled out filtering there)."""
     return rollout.raw_logprobs if temperature == 1.0 else rollout.logprobs
 
 
@@ -359,7 +356,7 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.
                 target_logprobs,
                 model=model,
                 chunk_size=config.grpo.loss_chunk_size,
-                temperature=config.loop.temperature,
+                temperature=policy_temperature(config),
             )
         ),
         merge=merge,
@@ -679,7 +676,7 @@ def _batch(
     return rollouts_to_batch(
         [r.token_ids for r in rollouts],
         masks,
-        [_sampler_logprobs(r, config.loop.temperature) for r in rollouts],
+        [_sampler_logprobs(r, policy_temperature(config)) for r in rollouts],
         np.where(keep_R, adv_R, 0.0),
         seq_len=config.loop.max_len,
         pad_id=tokenizer.pad_id,

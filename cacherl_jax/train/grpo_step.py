@@ -48,7 +48,7 @@ class GrpoStepConfig:
     aggregation: str = "token-mean"
     entropy: bool = True  # per-token entropy of the full distribution, for the metrics
     # The policy optimised is the one the rollouts were sampled from: softmax(logits / T) at the
-    # loop's temperature T (before top-k / top-p filtering).
+    # loop's temperature T (before top-k / top-p filtering); `policy_temperature`.
     temperature: float = 1.0
 
     @classmethod
@@ -68,8 +68,16 @@ class GrpoStepConfig:
             kl_estimator=grpo.kl_estimator,
             aggregation=grpo.aggregation,
             entropy=grpo.entropy,
-            temperature=config.loop.temperature,
+            temperature=policy_temperature(config),
         )
+
+
+def policy_temperature(config: Any) -> float:
+    """The temperature T of the policy GRPO optimises, softmax(logits / T): the rollouts' own
+    (`loop.temperature`), or 1 for greedy rollouts, whose point mass has no gradient (greedy GRPO
+    runs, e.g. the multi-host equality tests, train the model's own distribution)."""
+    temperature = float(config.loop.temperature)
+    return temperature if temperature > 0 else 1.0
 
 
 def rollouts_to_batch(

@@ -187,7 +187,7 @@ def _grpo_programs(
             grpo_step.target_logprobs,
             model=train.model,
             chunk_size=config.grpo.loss_chunk_size,
-            temperature=config.loop.temperature,
+            temperature=grpo_step.policy_temperature(config),
         )
     )
     batch = _grpo_batch(rows // config.grpo.minibatches, T, mesh)  # grpo.py: a minibatch at a time
