@@ -673,10 +673,11 @@ def _batch(
     """Fixed-shape rows (one per rollout; dropped rollouts keep their row with mask 0), so the
     update compiles once."""
     masks = [r.loss_mask * int(keep) for r, keep in zip(rollouts, keep_R, strict=True)]
+    temperature = policy_temperature(config)
     return rollouts_to_batch(
         [r.token_ids for r in rollouts],
         masks,
-        [_sampler_logprobs(r, policy_temperature(config)) for r in rollouts],
+        [_sampler_logprobs(r, temperature) for r in rollouts],
         np.where(keep_R, adv_R, 0.0),
         seq_len=config.loop.max_len,
         pad_id=tokenizer.pad_id,
