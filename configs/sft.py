@@ -96,4 +96,4 @@ def _tiny_pretrain(config: ml_collections.ConfigDict) -> None:
     config.data.format = "text"
     # Short rows, small batches: documents are short, and steps (not tokens) teach copying.
     config.data.update(seq_len=256, batch_size=4)
-    config.train.update(steps=1500, lr=4e-3, warmup_steps=100, checkpoint_every=500)
+    config.train.update(steps=3000, lr=8e-3, warmup_steps=100, checkpoint_every=500)

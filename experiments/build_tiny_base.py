@@ -2,11 +2,11 @@
 analogue of the pretrained Qwen3 the paper starts from (it can copy values and look up keys, but
 has never seen a tool, a task or the tool-call format).
 
-    .venv/bin/python experiments/build_tiny_base.py --seed 0 --steps 1500 --seq-len 256 \
-        --out runs/tiny_base
+    .venv/bin/python experiments/build_tiny_base.py --seed 0 --out runs/tiny_base
 
 Steps: corpus (`cacherl_jax.data.pretrain_corpus`) -> tokenizer -> pretraining (`sft.train` with
-`configs/sft.py:tiny_pretrain`: every token of the documents trained) -> Hugging Face export
+`configs/sft.py:tiny_pretrain`; each document's answer trained, the copied, looked-up or computed
+span, or with `--loss all` every token) -> Hugging Face export
 (config.json, model.safetensors, tokenizer.json, cacherl_tokenizer.json) -> probe -> build.json.
 
 The tokenizer is a byte-level BPE trained on the corpus and on the text of the procedural suite's
@@ -54,10 +54,17 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def build_corpus(path: Path, documents: int, seed: int) -> dict:
-    """The training documents as JSONL; returns their count, size and sha256."""
-    pretrain_corpus.write_corpus(path, pretrain_corpus.generate_documents(documents, seed))
-    return {"documents": documents, "bytes": path.stat().st_size, "sha256": sha256(path)}
+def build_corpus(path: Path, documents: int, seed: int, *, answers_only: bool) -> dict:
+    """The training documents as JSONL; returns their count, size, sha256 and what is trained."""
+    pretrain_corpus.write_corpus(
+        path, pretrain_corpus.generate_documents(documents, seed), answers_only=answers_only
+    )
+    return {
+        "documents": documents,
+        "bytes": path.stat().st_size,
+        "sha256": sha256(path),
+        "loss_on": "answers" if answers_only else "all",
+    }
 
 
 def build_tokenizer(
@@ -166,7 +173,9 @@ def build(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="tiny_base_") as scratch:
         scratch = Path(scratch)
-        corpus = build_corpus(scratch / "corpus.jsonl", args.documents, args.seed)
+        corpus = build_corpus(
+            scratch / "corpus.jsonl", args.documents, args.seed, answers_only=args.loss == "answers"
+        )
         build_tokenizer(
             scratch / "corpus.jsonl",
             scratch / "tokenizer",
@@ -217,9 +226,15 @@ def build(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--out", default="runs/tiny_base")
     parser.add_argument("--documents", type=int, default=60_000, help="training documents")
+    parser.add_argument(
+        "--loss",
+        choices=("answers", "all"),
+        default="answers",
+        help="train each document's answer only (the default), or every token",
+    )
     parser.add_argument("--probe-documents", type=int, default=240, help="held out, all kinds")
     parser.add_argument("--pattern", default="qwen", help="tokenizer pre-tokenizer pattern")
     parser.add_argument("--vocab-size", type=int, default=1024)

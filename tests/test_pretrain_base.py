@@ -106,6 +106,42 @@ def test_text_examples_train_every_token_and_end_the_document(tmp_path):
         pipeline.load_texts(tmp_path / "bad.jsonl")
 
 
+def test_answers_only_documents_train_exactly_the_answers_tokens(tmp_path):
+    documents = corpus.generate_documents(12, seed=0)
+    path = corpus.write_corpus(tmp_path / "c.jsonl", documents, answers_only=True)
+    texts, spans = pipeline.load_text_records(path)
+    assert [text[start:end] for text, (start, end) in zip(texts, spans, strict=True)] == [
+        document.answer for document in documents
+    ]
+    tokenizer = train_tokenizer(texts, 300, tmp_path / "tokenizer", from_files=False)
+    examples = pipeline.text_examples(texts, tokenizer, spans)
+    for text, (start, end), example in zip(texts, spans, examples, strict=True):
+        ids = example["token_ids"].tolist()[:-1]
+        # Independently: a token is trained when the text decoded up to it ends after the answer
+        # starts and the text decoded before it ends before the answer does.
+        expected = [
+            int(
+                len(tokenizer.decode(ids[: i + 1])) > start and len(tokenizer.decode(ids[:i])) < end
+            )
+            for i in range(len(ids))
+        ]
+        assert example["loss_mask"].tolist() == [*expected, 0]
+        trained = tokenizer.decode([t for t, m in zip(ids, expected, strict=True) if m])
+        assert _covers_the_answer(trained, text[start:end])
+
+
+def _covers_the_answer(trained: str, answer: str) -> bool:
+    """The trained tokens cover the answer, and at most a token's worth of text around it."""
+    return answer in trained and len(trained) - len(answer) <= 8
+
+
+def test_a_bad_train_span_names_its_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "abc", "train_span": [0, 2]}\n{"text": "abc", "train_span": [2, 9]}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: \"train_span\" must be"):
+        pipeline.load_text_records(bad)
+
+
 # --- the shipped base ----------------------------------------------------------------------------
 
 

@@ -19,7 +19,8 @@ and lets hosts fall out of step; our plan makes a position two integers and keep
 lockstep.
 
 Plain text (`text_examples`, the pretraining format): a document is its tokens followed by
-`<|endoftext|>`, every target trained and none of them thinking.
+`<|endoftext|>`, none of them thinking; every target is trained, or, when the record gives a
+`train_span` (character offsets `[start, end)`), only the tokens that reach into that span.
 
 Epochs and hosts. Epoch `e` visits the examples in `permutation(seed, e)` (or in order without
 `shuffle`). Packing needs only lengths, so every host plans the same global batches (a cheap
@@ -144,34 +145,89 @@ def render_examples(
 def load_texts(path: str | Path) -> list[str]:
     """The `text` of every record of a JSONL file of `{"text": ...}` objects (blank lines skipped);
     a record without a string `text` is an error naming its line."""
-    texts = []
+    return load_text_records(path)[0]
+
+
+def load_text_records(path: str | Path) -> tuple[list[str], list[tuple[int, int] | None]]:
+    """The `text` of every record of a JSONL file of `{"text": ..., "train_span": [start, end]}`
+    objects (blank lines skipped; `train_span` optional, None where absent); a record without a
+    string `text`, or with a span that is not two offsets within it, is an error naming its line."""
+    texts, spans = [], []
     with Path(path).open() as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not JSON ({err})") from err
+                raise ValueError(f"{where}: not JSON ({err})") from err
             if not isinstance(record, Mapping) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{path}:{line_number}: expected an object with a string "text"')
+                raise ValueError(f'{where}: expected an object with a string "text"')
             texts.append(record["text"])
-    return texts
+            spans.append(_train_span(record, where))
+    return texts, spans
 
 
-def text_examples(texts: Iterable[str], tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
-    """One example per text, in order: its tokens and `<|endoftext|>`, every target trained."""
+def _train_span(record: Mapping[str, Any], where: str) -> tuple[int, int] | None:
+    span = record.get("train_span")
+    if span is None:
+        return None
+    valid = (
+        isinstance(span, list)
+        and len(span) == 2
+        and all(isinstance(offset, int) for offset in span)
+        and 0 <= span[0] < span[1] <= len(record["text"])
+    )
+    if not valid:
+        raise ValueError(
+            f'{where}: "train_span" must be [start, end] with 0 <= start < end <= '
+            f"len(text) ({len(record['text'])}), got {span!r}"
+        )
+    return span[0], span[1]
+
+
+def text_examples(
+    texts: Iterable[str],
+    tokenizer: Tokenizer,
+    spans: Iterable[tuple[int, int] | None] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """One example per text, in order: its tokens and `<|endoftext|>`. Every target is trained,
+    or, for a text with a span (`spans`, one per text), only the tokens whose characters reach
+    into it (the end of the document is then not trained)."""
+    texts = list(texts)
+    spans = [None] * len(texts) if spans is None else list(spans)
     examples = []
-    for text in texts:
-        token_ids = np.asarray([*tokenizer.encode(text), tokenizer.special.endoftext], np.int32)
+    for text, span in zip(texts, spans, strict=True):
+        text_ids = tokenizer.encode(text)
+        token_ids = np.asarray([*text_ids, tokenizer.special.endoftext], np.int32)
+        if span is None:
+            loss_mask = np.ones(len(token_ids), np.int8)
+        else:
+            loss_mask = np.append(_span_mask(text, text_ids, tokenizer, span), np.int8(0))
         examples.append(
             {
                 "token_ids": token_ids,
-                "loss_mask": np.ones(len(token_ids), np.int8),
+                "loss_mask": loss_mask,
                 "thinking_mask": np.zeros(len(token_ids), np.int8),
             }
         )
     return examples
+
+
+def _span_mask(
+    text: str, text_ids: list[int], tokenizer: Tokenizer, span: tuple[int, int]
+) -> np.ndarray:
+    """1 for each token of `text_ids` whose characters overlap `span` (offsets into `text`)."""
+    lengths = np.asarray([len(tokenizer.decode([token_id])) for token_id in text_ids], np.int64)
+    ends = np.cumsum(lengths)
+    if not len(ends) or ends[-1] != len(text):
+        raise ValueError(
+            "a train_span needs tokens that decode to whole characters; "
+            f"this text's do not: {text[:60]!r}"
+        )
+    starts = ends - lengths
+    return ((starts < span[1]) & (ends > span[0])).astype(np.int8)
 
 
 def epoch_order(num_examples: int, epoch: int, *, seed: int, shuffle: bool) -> np.ndarray:

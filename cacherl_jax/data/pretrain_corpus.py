@@ -245,11 +245,19 @@ def generate_documents(
     ]
 
 
-def write_corpus(path: str | Path, documents: Iterable[Document]) -> Path:
-    """The documents as JSONL of `{"text": ...}` (the SFT trainer's `data.format = "text"`)."""
+def write_corpus(
+    path: str | Path, documents: Iterable[Document], *, answers_only: bool = False
+) -> Path:
+    """The documents as JSONL of `{"text": ...}` (the SFT trainer's `data.format = "text"`);
+    `answers_only` adds each document's answer as its `train_span`, so that only the answer's
+    tokens are trained (the copy, lookup or sum), not the random values before it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for document in documents:
-            f.write(json.dumps({"text": document.text}) + "\n")
+            record = {"text": document.text}
+            if answers_only:
+                start = len(document.prompt)
+                record["train_span"] = [start, start + len(document.answer)]
+            f.write(json.dumps(record) + "\n")
     return path

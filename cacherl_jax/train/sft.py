@@ -315,7 +315,8 @@ def load_data(
     `tokenizer.spec` is empty), which may set the model's vocabulary.
 
     `data.format` "trajectories" renders chat trajectories (masked as `data.train_on` says);
-    "text" trains on every token of plain documents (JSONL of `{"text": ...}`: pretraining)."""
+    "text" trains on plain documents (JSONL of `{"text": ...}`, every token trained, or of
+    `{"text": ..., "train_span": [start, end]}`, the span's tokens only: pretraining)."""
     readers = {"trajectories": _trajectory_examples, "text": _text_examples}
     if config.data.format not in readers:
         raise TrainingError(
@@ -368,14 +369,15 @@ def _trajectory_examples(config: ml_collections.ConfigDict):
 
 
 def _text_examples(config: ml_collections.ConfigDict):
-    """(the documents, tokenizer -> their examples, every token trained)."""
+    """(the documents, tokenizer -> their examples: every token trained, or a document's
+    `train_span` only)."""
     try:
-        texts = data_pipeline.load_texts(config.data.train)
+        texts, spans = data_pipeline.load_text_records(config.data.train)
     except (OSError, ValueError) as err:
         raise TrainingError(f"data.format='text': {err}") from err
     if not texts:
         raise TrainingError(f"{config.data.train}: no documents")
-    return texts, lambda tokenizer: data_pipeline.text_examples(texts, tokenizer)
+    return texts, lambda tokenizer: data_pipeline.text_examples(texts, tokenizer, spans)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
