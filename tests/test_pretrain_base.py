@@ -1,23 +1,26 @@
 """The pretrained miniature base's tools: its corpus (deterministic, nothing of the procedural
-suite), the tokenizer's pattern option, the text data format, and a toy build."""
+suite), the tokenizer's pattern option, the text data format (every token or a span trained), a
+toy build, and the recoveries of experiments/sft_with_recoveries.py."""
 
 import hashlib
 import json
+import random
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cacherl_jax.agent.procedural import SYSTEM_PROMPT, all_kinds
+from cacherl_jax.agent.procedural import SYSTEM_PROMPT, all_kinds, generate_tasks
 from cacherl_jax.agent.procedural.environment import DOMAINS
+from cacherl_jax.agent.procedural.solver import reference_trajectory
 from cacherl_jax.chat import load_tokenizer, train_tokenizer
 from cacherl_jax.chat.tokenizer import QWEN3_ADDED_TOKENS
 from cacherl_jax.data import pipeline
 from cacherl_jax.data import pretrain_corpus as corpus
 from cacherl_jax.model import load_hf_checkpoint, presets
 from configs import sft as sft_configs
-from experiments import build_tiny_base
+from experiments import build_tiny_base, sft_with_recoveries
 
 
 def _sha256(path: Path) -> str:
@@ -169,3 +172,25 @@ def test_a_toy_build_produces_a_loadable_base(tmp_path):
     assert tokenizer.vocab_size <= model.vocab_size
     for name, digest in record["sha256"].items():
         assert _sha256(out / name) == digest
+
+
+# --- SFT data with recoveries (experiments/sft_with_recoveries.py) ------------------------------
+
+
+def test_a_recovery_is_a_failed_call_its_real_error_and_the_original_call():
+    (task,) = generate_tasks("train", 1, seed=0, kinds=["files.read"])
+    trajectory = reference_trajectory(task).to_dict()
+    recovered = sft_with_recoveries.with_recovery(trajectory, random.Random(0))
+    before, after = trajectory["messages"], recovered["messages"]
+    first = next(i for i, m in enumerate(before) if m.get("tool_calls"))
+    assert after[:first] == before[:first] and after[first + 3 :] == before[first + 1 :]
+    good = before[first]["tool_calls"][0]["function"]["arguments"]["name"]
+    failed = after[first]["tool_calls"][0]["function"]["arguments"]["name"]
+    assert failed == good[:-1]
+    assert after[first + 1] == {
+        "role": "tool",
+        "name": "read_file",
+        "content": f"Error: no file named '{failed}'",
+    }
+    assert after[first + 2]["tool_calls"] == before[first]["tool_calls"]
+    assert f'not "{failed}"' in after[first + 2]["reasoning_content"]
