@@ -5,8 +5,8 @@
         --config.data.train=data/train.jsonl --config.mesh.fsdp=-1 --workdir=runs/sft-0.6b
 
 `arg` picks the variant: `tiny` (the 1.1M-parameter CPU model with a tokenizer trained on the
-data itself), `tiny_pretrain` (how `experiments/build_tiny_base.py` pretrains a miniature base:
-every token of plain-text documents),
+data itself), `tiny_pretrain` (how `experiments/build_tiny_base.py` pretrains a miniature base
+on plain-text documents, every token or each document's `train_span`),
 `qwen3_0.6b` ... `qwen3_8b` (load `model.checkpoint`, a Hugging Face
 directory, with the real Qwen3 tokenizer, LoRA r=128 as in the paper). Every field can be
 overridden on the command line; the resolved config is written to the workdir.
