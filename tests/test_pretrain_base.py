@@ -140,9 +140,11 @@ def _covers_the_answer(trained: str, answer: str) -> bool:
 
 def test_a_bad_train_span_names_its_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "abc", "train_span": [0, 2]}\n{"text": "abc", "train_span": [2, 9]}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: \"train_span\" must be"):
-        pipeline.load_text_records(bad)
+    good = '{"text": "abc", "train_span": [0, 2]}\n'
+    for span in ("[2, 9]", "[2, 2]", "[true, 2]", "[0]", '"0-2"'):
+        bad.write_text(f'{good}{{"text": "abc", "train_span": {span}}}\n')
+        with pytest.raises(ValueError, match=r"bad\.jsonl:2: \"train_span\" must be"):
+            pipeline.load_text_records(bad)
 
 
 # --- the shipped base ----------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def _train_span(record: Mapping[str, Any], where: str) -> tuple[int, int] | None
     valid = (
         isinstance(span, list)
         and len(span) == 2
-        and all(isinstance(offset, int) for offset in span)
+        and all(isinstance(offset, int) and not isinstance(offset, bool) for offset in span)
         and 0 <= span[0] < span[1] <= len(record["text"])
     )
     if not valid:
