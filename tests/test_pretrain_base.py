@@ -99,14 +99,14 @@ def test_the_default_pattern_is_qwen3s(tmp_path):
 
 def test_text_examples_train_every_token_and_end_the_document(tmp_path):
     path = corpus.write_corpus(tmp_path / "c.jsonl", corpus.generate_documents(4, seed=0))
-    texts = pipeline.load_texts(path)
+    texts, _ = pipeline.load_text_records(path)
     tokenizer = train_tokenizer(texts, 300, tmp_path / "tokenizer", from_files=False)
     (example,) = pipeline.text_examples(texts[:1], tokenizer)
     assert example["token_ids"].tolist() == [*tokenizer.encode(texts[0]), tokenizer.pad_id]
     assert example["loss_mask"].all() and not example["thinking_mask"].any()
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        pipeline.load_texts(tmp_path / "bad.jsonl")
+        pipeline.load_text_records(tmp_path / "bad.jsonl")
 
 
 def test_answers_only_documents_train_exactly_the_answers_tokens(tmp_path):

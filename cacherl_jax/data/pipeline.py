@@ -142,12 +142,6 @@ def render_examples(
     return examples
 
 
-def load_texts(path: str | Path) -> list[str]:
-    """The `text` of every record of a JSONL file of `{"text": ...}` objects (blank lines skipped);
-    a record without a string `text` is an error naming its line."""
-    return load_text_records(path)[0]
-
-
 def load_text_records(path: str | Path) -> tuple[list[str], list[tuple[int, int] | None]]:
     """The `text` of every record of a JSONL file of `{"text": ..., "train_span": [start, end]}`
     objects (blank lines skipped; `train_span` optional, None where absent); a record without a
